@@ -88,7 +88,9 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        model_path = str(latest / "model") if latest else cfg.model.path
+        # LoRA resumes from the base weights plus the saved adapter (trainer.pt), not from the
+        # merged model: fresh adapters on merged weights would not match the optimizer state.
+        model_path = str(latest / "model") if latest and not cfg.model.lora.enabled else cfg.model.path
         self.policy = HFPolicy(cfg.model.model_copy(update={"path": model_path}), device=self.accelerator.device)
         # The KL anchor is the *initial* policy, also after a resume.
         self.reference = HFPolicy(cfg.model, device=self.accelerator.device).reference() if latest else self.policy.reference()
@@ -222,6 +224,7 @@ class Trainer:
                 "optimizer": self.updater.optimizer.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                 "algorithm": self.algorithm.state_dict(),
+                "adapter": self._adapter_state(),
             },
             tmp / "trainer.pt",
         )
@@ -236,11 +239,22 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def _adapter_state(self) -> dict | None:
+        if not self.cfg.model.lora.enabled:
+            return None
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.policy.model).items()}
+
     def _load(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
         self.step = state["step"]
         self.cursor = TaskCursor(self.train_tasks, self.cfg.seed, **state["cursor"])
         blob = torch.load(path / "trainer.pt", weights_only=False)
+        if blob.get("adapter") is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.policy.model, blob["adapter"])
         self.updater.optimizer.load_state_dict(blob["optimizer"])
         random.setstate(blob["rng"]["python"])
         np.random.set_state(blob["rng"]["numpy"])
