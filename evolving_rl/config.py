@@ -131,6 +131,11 @@ class SFTConfig(_Strict):
         0.3, ge=0, le=1, description="Tiny warm start: share of demos also shown with a same-type skill card."
     )
     max_extractor_examples: int = Field(300, ge=0, description="Tiny warm start: extraction demos (long: bounded).")
+    dagger_rounds: int = Field(
+        0, ge=0, description="DAgger rounds after cloning: play the clone, let the env's expert label its states, retrain."
+    )
+    dagger_games: int = Field(200, ge=1, description="Training games the clone plays per DAgger round.")
+    dagger_minutes: float = Field(10.0, gt=0, description="Training time per DAgger round (demos + all labels so far).")
 
 
 class GRPOConfig(_Strict):

@@ -42,8 +42,9 @@ class _Live:
 class Rollout:
     """Plays jobs with a policy through an EnvPool. Holds no state between `run` calls."""
 
-    def __init__(self, policy: Policy, pool: EnvPool, cfg: RolloutConfig, max_steps: int):
+    def __init__(self, policy: Policy, pool: EnvPool, cfg: RolloutConfig, max_steps: int, *, label_expert: bool = False):
         self.policy = policy
+        self.label_expert = label_expert  # DAgger: record the expert's action for every state visited
         self.pool = pool
         self.cfg = cfg
         self.max_steps = max_steps
@@ -135,6 +136,10 @@ class Rollout:
             actions = {}
             for j, p, a, g in zip(order, prompt_ids, allowed, gens):
                 actions[j] = self._record_generation(live[j], p, a, g)
+            if self.label_expert:
+                labels = self.pool.expert_action([live[j].slot for j in order])
+                for j in order:
+                    live[j].episode.turns[-1].expert = labels.get(live[j].slot)
             t0 = time.perf_counter()
             replies = self._call(self.pool.step, [(live[j].slot, actions[j]) for j in order])
             self.stats["env_s"] += time.perf_counter() - t0

@@ -63,11 +63,16 @@ def demo_episode(demo: dict) -> Episode:
 
 
 def solver_examples(policy, demo: dict, rollout: RolloutConfig, max_steps: int, skill_card: str | None = None) -> Iterator[Example]:
+    """One example per step. A DAgger record's history is what the clone did, its target the
+    expert's label (`expert`); steps the expert could not label teach nothing."""
     if rollout.prompt_format != "per_step":
         raise ValueError("sft: rollout.prompt_format must be per_step for behaviour cloning of the tiny model")
     turns = demo_turns(demo)
     desc = demo["task"]["description"]
-    for i, t in enumerate(turns):
+    for i, (t, s) in enumerate(zip(turns, demo["steps"])):
+        target = s.get("expert", t.action)
+        if not target or (t.admissible and target not in t.admissible):
+            continue
         msgs = prompts.per_step_messages(
             desc, turns[:i], t.observation, t.admissible,
             skill_card=skill_card, history=rollout.history, use_state_line=rollout.state_line,
@@ -75,7 +80,7 @@ def solver_examples(policy, demo: dict, rollout: RolloutConfig, max_steps: int, 
         )
         yield Example(
             policy.encode_chat(msgs),
-            policy.encode_text(t.completion) + [policy.eos_token_id],
+            policy.encode_text(prompts.action_completion(target)) + [policy.eos_token_id],
             "solver_skill" if skill_card else "solver",
         )
 
@@ -205,6 +210,44 @@ def corpus_from_demos(demos: list[dict], cfg, max_demos: int = 400) -> list[str]
     return texts
 
 
+def dagger_record(ep: Episode) -> dict:
+    """A clone's episode as a demo whose history is the clone's and whose targets are the expert's."""
+    steps = [{"observation": t.observation, "admissible": t.admissible, "action": t.action, "expert": t.expert} for t in ep.turns]
+    return {"task": ep.task.to_dict(), "won": ep.won, "steps": steps}
+
+
+def dagger(policy, cfg, train_tasks: list[Task], examples: list[Example], *, bf16: bool, say) -> list[dict]:
+    """DAgger (Ross et al., 2011): the clone has never seen its own mistakes, so it loops once
+    it leaves the expert's path. Each round plays the clone greedily on training games, asks
+    the env's expert what it would do in every state the clone reached, and trains on the
+    demos plus all labels so far."""
+    from evolving_rl.envs.workers import EnvPool
+    from evolving_rl.evaluate import eval_sampling
+    from evolving_rl.rollout import Job, Rollout
+    from evolving_rl.train import env_options
+
+    labelled: list[Example] = []
+    rounds = []
+    for r in range(cfg.sft.dagger_rounds):
+        tasks = random.Random(cfg.seed * 7919 + r).sample(train_tasks, min(cfg.sft.dagger_games, len(train_tasks)))
+        t0 = time.perf_counter()
+        with EnvPool(cfg.env.name, env_options(cfg), cfg.env.num_workers, cfg.env.step_timeout_s) as pool:
+            rollout = Rollout(policy, pool, cfg.rollout, cfg.env.max_steps, label_expert=True)
+            episodes = [e for e in rollout.run([Job(t) for t in tasks], eval_sampling(cfg.rollout.solver, greedy=True)) if not e.failed]
+        turns = [t for e in episodes for t in e.turns]
+        new = [x for e in episodes for x in solver_examples(policy, dagger_record(e), cfg.rollout, cfg.env.max_steps)]
+        labelled += new
+        info = {"round": r + 1, "games": len(tasks), "played": len(episodes), "won": sum(e.won for e in episodes),
+                "states": len(turns), "labels": len(new),
+                "agreed_with_expert": sum(t.action == t.expert for t in turns) / max(1, len(turns)),
+                "rollout_s": time.perf_counter() - t0}
+        say(info)
+        round_cfg = cfg.sft.model_copy(update={"max_minutes": cfg.sft.dagger_minutes, "warmup_steps": 0})
+        info["train"] = train_sft(policy, examples + labelled, round_cfg, seed=cfg.seed + r + 1, bf16=bf16, log=say)
+        rounds.append(info)
+    return rounds
+
+
 def run_sft(cfg, out: Path, *, skills: bool, bf16: bool, console=None) -> dict:
     """The documented warm-start recipe: clone the expert, save, then evaluate greedily."""
     from evolving_rl.config import save_config
@@ -231,6 +274,8 @@ def run_sft(cfg, out: Path, *, skills: bool, bf16: bool, console=None) -> dict:
     say(f"sft: {len(demos)} demos -> {len(examples)} examples {kinds}")
     metrics = train_sft(policy, examples, cfg.sft, seed=cfg.seed, bf16=bf16, log=lambda r: say(r))
     metrics["examples_by_kind"] = kinds
+    if cfg.sft.dagger_rounds:
+        metrics["dagger"] = dagger(policy, cfg, suite.tasks("train"), examples, bf16=bf16, say=say)
     policy.save(out)
     save_config(cfg, out / "sft_config.yaml")
     with EnvPool(cfg.env.name, env_options(cfg), cfg.env.num_workers, cfg.env.step_timeout_s) as pool:

@@ -108,6 +108,7 @@ class Turn:
     completion: str  # the model's raw text for this turn
     action: str  # the action actually sent to the environment
     valid: bool  # whether the action was admissible (True when unknown)
+    expert: str | None = None  # DAgger: what the env's expert would have done here
 
 
 @dataclass

@@ -107,3 +107,76 @@ def test_sft_recipe_still_trains(games_dir, demos_path, tiny_model, tmp_path, ma
     # the reply format was learned: completions are "<action>...</action>" + eos
     text = policy.decode(solver[0].completion_ids)
     assert text.startswith("<action>") and text.rstrip().endswith("</action>")
+
+
+def test_dagger_round_labels_the_clones_own_states(games_dir, demos_path, tiny_model, tmp_path, make_config):
+    """A DAgger round on the real engine: the expert labels every state the (untrained) clone
+    reached, the examples keep the clone's history but target the expert's action, and the
+    round trains on demos + labels."""
+    from evolving_rl.envs.base import make_suite
+    from evolving_rl.policy.hf import HFPolicy
+    from evolving_rl.sft import build_examples, dagger, load_demos
+    from evolving_rl.train import env_options
+
+    cfg = make_config(games_dir, tiny_model, tmp_path, "env.max_steps=5", "sft.dagger_rounds=1", "sft.dagger_games=3",
+                      "sft.dagger_minutes=0.05", "sft.batch_size=8")
+    policy = HFPolicy(cfg.model)
+    demos = build_examples(policy, load_demos([str(demos_path)])[:2], cfg.rollout, cfg.env.max_steps, skills=False, seed=0)
+    said = []
+    rounds = dagger(policy, cfg, make_suite(cfg.env.name, env_options(cfg)).tasks("train"), demos, bf16=False, say=said.append)
+    (r,) = rounds
+    assert r["played"] == 3 and r["states"] >= 3 and 0 < r["labels"] <= r["states"]
+    assert r["train"]["examples"] == len(demos) + r["labels"] and r["train"]["steps"] >= 1
+    assert 0.0 <= r["agreed_with_expert"] <= 1.0 and said[0]["round"] == 1
+
+
+def test_dagger_examples_target_the_expert_and_skip_unlabelled_states(tiny_model, make_config, games_dir, tmp_path):
+    from evolving_rl.policy.hf import HFPolicy
+    from evolving_rl.sft import solver_examples
+
+    cfg = make_config(games_dir, tiny_model, tmp_path)
+    policy = HFPolicy(cfg.model)
+    adm = ["go to desk 1", "go to bed 1", "look"]
+    rec = {"task": {"id": "t", "description": "put a pen in desk"}, "won": False, "steps": [
+        {"observation": "You are in a room.", "admissible": adm, "action": "look", "expert": "go to desk 1"},
+        {"observation": "You see nothing.", "admissible": adm, "action": "go to bed 1", "expert": None},
+        {"observation": "You arrive at bed 1.", "admissible": adm, "action": "look", "expert": "go to desk 1"},
+    ]}
+    exs = list(solver_examples(policy, rec, cfg.rollout, 10))
+    assert len(exs) == 2  # the unlabelled state teaches nothing
+    assert all(policy.decode(e.completion_ids).strip().startswith("<action>go to desk 1</action>") for e in exs)
+    # the history in the last prompt is what the clone did, not what the expert said
+    assert "> go to bed 1" in policy.decode(exs[1].prompt_ids)
+
+
+def test_lora_resume_restores_the_trained_adapters(games_dir, tiny_model, tmp_path, make_config):
+    """A LoRA run resumes from the base weights plus the saved adapters, so the resumed policy
+    is the one that was checkpointed (fresh adapters on merged weights would not match the
+    optimizer's moments)."""
+    from peft import get_peft_model_state_dict
+
+    from evolving_rl.train import Trainer
+
+    cfg = make_config(games_dir, tiny_model, tmp_path / "run", "train.steps=1", "eval.splits=[eval_seen]",
+                      "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8")
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    trainer = Trainer(cfg)
+    try:
+        with torch.no_grad():  # stand in for an update: the adapters move away from their init
+            for name, p in trainer.policy.model.named_parameters():
+                if "lora_" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+            trainer.step = 1
+            trainer.save()
+            saved = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.policy.model).items()}
+            before = trainer.policy.model(input_ids=ids).logits
+    finally:
+        trainer.close()
+    resumed = Trainer(cfg, resume=True)
+    try:
+        state = get_peft_model_state_dict(resumed.policy.model)
+        assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+        with torch.no_grad():
+            assert torch.allclose(resumed.policy.model(input_ids=ids).logits, before, atol=1e-5)
+    finally:
+        resumed.close()
