@@ -61,7 +61,7 @@ def ensure_model(cfg: RunConfig, work_dir: Path, max_demos: int = 48) -> tuple[s
     untrained tiny model (cfg.tiny) whose tokenizer is trained on the train split's expert demos."""
     if (Path(cfg.model.path) / "config.json").is_file():
         return cfg.model.path, f"checkpoint {cfg.model.path}"
-    from evolving_rl.envs.alfworld_gen import write_demos
+    from evolving_rl.demos import write_demos
     from evolving_rl.policy.tiny import build_tiny
     from evolving_rl.sft import corpus_from_demos, load_demos
 
@@ -72,8 +72,7 @@ def ensure_model(cfg: RunConfig, work_dir: Path, max_demos: int = 48) -> tuple[s
         return str(out), note
     demos = Path(work_dir) / "demos_train.jsonl"
     if not demos.exists():
-        write_demos({"games_dir": cfg.env.games_dir}, "train", demos, max_tasks=max_demos,
-                    workers=max(1, cfg.env.num_workers))
+        write_demos(cfg, "train", demos, max_tasks=max_demos)
     build_tiny(corpus_from_demos(load_demos([str(demos)]), cfg), cfg.tiny, out)
     return str(out), note
 

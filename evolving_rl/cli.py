@@ -101,17 +101,36 @@ def games_demos(
     games: Path = typer.Option(..., "--games", help="Games directory (generated or official)."),
     split: str = typer.Option("train", "--split"),
     out: Path = typer.Option(..., "--out", help="JSONL file to write."),
-    max_tasks: int = typer.Option(None, "--max-tasks"),
+    max_tasks: int = typer.Option(None, "--max-tasks", min=1),
     workers: int = typer.Option(2, "--workers"),
 ):
-    """Write the handcoded expert's trajectories of a split as JSONL (for the SFT warm start)."""
-    from evolving_rl.envs.alfworld_gen import write_demos
+    """The handcoded expert's ALFWorld trajectories of a split as JSONL: `evolving-rl demos` with
+    the default ALFWorld config (50 steps, seed 0) on a games directory."""
+    demos(None, split, out, max_tasks, [f"env.games_dir={games}", f"env.num_workers={workers}"])
 
+
+@app.command()
+def demos(
+    config: Path = ConfigOpt,
+    split: str = typer.Option("train", "--split"),
+    out: Path = typer.Option(..., "--out", help="JSONL file to write."),
+    max_tasks: int = typer.Option(None, "--max-tasks", min=1, help="Only the first N tasks of the split."),
+    overrides: list[str] = OverridesArg,
+):
+    """Expert demonstrations of any environment with an expert, as JSONL (for the SFT warm start)."""
+    from evolving_rl.demos import write_demos
+    from evolving_rl.envs.base import EnvError
+
+    cfg = _config(config, overrides)
+    prog, update = _progress(f"{cfg.env.name} demos")
     try:
-        stats = write_demos({"games_dir": str(games)}, split, out, max_tasks=max_tasks, workers=workers)
-    except (ValueError, FileNotFoundError) as e:
+        with prog:
+            stats = write_demos(cfg, split, out, max_tasks=max_tasks, progress=update)
+    except (ValueError, FileNotFoundError, EnvError) as e:
         _fail(str(e))
-    console.print(f"demos -> {out}: {stats}")
+    rate = stats["episodes"] / max(stats["wall_s"], 1e-9)
+    console.print(f"demos -> {out}: {stats['episodes']} episodes ({stats['won']} won, {stats['failed']} failed), "
+                  f"{stats['steps']} steps in {stats['wall_s']:.1f} s ({rate:.2f} demos/s)")
 
 
 # -- model and sft -------------------------------------------------------------------------

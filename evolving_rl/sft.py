@@ -191,7 +191,12 @@ def corpus_from_demos(demos: list[dict], cfg, max_demos: int = 400) -> list[str]
     extractor prompts the model will actually read and write (a small vocabulary suffices)."""
     from evolving_rl.skills.skill import render_card, rule_skill_from_demo
 
-    texts = [prompts.solver_system(None, False), prompts.solver_system("x", True), prompts.EXTRACTOR_SYSTEM.format(role=prompts.agent_role("alfworld")), prompts.SCHEMA_HINT]
+    envs = sorted({d["task"].get("env", "alfworld") for d in demos} or {cfg.env.name})  # each env frames its own role
+    texts = []
+    for env in envs:
+        texts += [prompts.solver_system(None, False, env), prompts.solver_system("x", True, env),
+                  prompts.EXTRACTOR_SYSTEM.format(role=prompts.agent_role(env))]
+    texts.append(prompts.SCHEMA_HINT)
     for d in demos[:max_demos]:
         turns = demo_turns(d)
         for i, t in enumerate(turns):

@@ -27,10 +27,10 @@ def games_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demos_path(games_dir):
-    from evolving_rl.envs.alfworld_gen import write_demos
+    from evolving_rl.demos import write_demos
 
     out = games_dir / "demos_train.jsonl"
-    write_demos({"games_dir": str(games_dir)}, "train", out, workers=2)
+    write_demos(load_config(None, [f"env.games_dir={games_dir}", "env.num_workers=2"]), "train", out)
     return out
 
 

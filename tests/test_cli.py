@@ -64,3 +64,15 @@ def test_missing_inputs_are_named(tmp_path):
     assert r.returncode == 2 and "no_run" in r.stdout + r.stderr
     r = cli("eval", "--checkpoint", tmp_path / "no_model")
     assert r.returncode == 2 and "no_model" in r.stdout + r.stderr
+
+
+def test_demos_command_names_bad_input(tmp_path):
+    r = cli("demos", "--out", tmp_path / "d.jsonl", "env.name=mind2web", f"env.options={{data_dir: {tmp_path}}}")
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 2 and "Traceback" not in out and "mind2web" in out and "data_dir" in out, out
+    r = cli("demos", "--out", tmp_path / "d.jsonl", "--split", "nope", "env.name=textworld", f"env.games_dir={tmp_path}")
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 2 and "Traceback" not in out and "manifest.json" in out, out
+    r = cli("demos", "--out", tmp_path / "d.jsonl", "--split", "nope", "env.name=twx")
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 2 and "Traceback" not in out and "unknown split 'nope'" in out, out

@@ -58,10 +58,22 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load_and_name_registered_envs_and_their_splits():
+    """Every shipped config loads, names a registered engine, and only asks for splits that
+    engine has (a wrong split name would otherwise fail hours into a run)."""
     from pathlib import Path
 
+    from evolving_rl.envs import mind2web, splits
+    from evolving_rl.envs.base import available
+
+    env_splits = {"alfworld": None, "twx": splits.SPLITS, "scienceworld": splits.SPLITS,
+                  "textworld": splits.SPLITS, "mind2web": mind2web.SPLITS}  # alfworld: checked by load_config
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert configs, "no configs shipped"
+    assert len(configs) >= 12, [c.name for c in configs]
+    names = available()
     for c in configs:
-        load_config(c)
+        cfg = load_config(c)
+        assert cfg.env.name in names, f"{c.name}: env.name {cfg.env.name!r} is not registered; registered: {names}"
+        allowed = env_splits[cfg.env.name]
+        for s in [*cfg.eval.splits, *cfg.eval.experience_pool]:
+            assert allowed is None or s in allowed, f"{c.name}: split {s!r} is not one of {cfg.env.name}'s"

@@ -15,7 +15,6 @@ from evolving_rl.envs.alfworld_gen import (
     floorplan_split,
     generate_games,
     task_options,
-    write_demos,
 )
 
 pytestmark = pytest.mark.slow
@@ -95,7 +94,11 @@ def test_every_generated_game_is_won_by_the_expert_on_the_real_engine(games):
 
 def test_expert_demonstrations_are_written_as_jsonl(games, tmp_path):
     out, _ = games
-    stats = write_demos({"games_dir": str(out)}, "train_unseen", tmp_path / "demos.jsonl", workers=1)
+    from evolving_rl.config import load_config
+    from evolving_rl.demos import write_demos
+
+    cfg = load_config(None, [f"env.games_dir={out}", "env.num_workers=1"])
+    stats = write_demos(cfg, "train_unseen", tmp_path / "demos.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "demos.jsonl").read_text().splitlines()]
     assert stats["episodes"] == len(lines) == 2 and stats["won"] == 2
     for ep in lines:

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from evolving_rl.envs.base import EnvError, register
+from evolving_rl.envs.base import EnvError, max_steps_option, register
 from evolving_rl.types import StepResult, Task
 
 SEEN_TYPES = (
@@ -237,9 +237,7 @@ class AlfworldEnv:
         from textworld.envs.pddl import PddlEnv
 
         options = dict(options or {})
-        self.max_steps = int(options.get("max_steps", 50))
-        if self.max_steps < 1:
-            raise ValueError(f"alfworld option max_steps must be >= 1, got {self.max_steps}")
+        self.max_steps = max_steps_option(options, "alfworld", 50)
         self.seed = int(options.get("seed", 0))
         games_dir = options.get("games_dir") or os.environ.get("ALFWORLD_DATA") or "."
         self.games_dir = Path(games_dir)

@@ -35,7 +35,6 @@ from evolving_rl.envs.alfworld import (
     TASK_TYPES,
     UNSEEN_TYPES,
     AlfworldEnv,
-    AlfworldSuite,
 )
 from evolving_rl.envs.base import EnvError
 
@@ -508,57 +507,3 @@ def generate_games(
     _write_json(out / "manifest.json", manifest)
     manifest["seconds"] = time.perf_counter() - t0  # not written: the file stays reproducible
     return manifest
-
-
-def _demo_episode(job: tuple[dict, dict, int]) -> dict:
-    task_dict, env_options, max_steps = job
-    env = _WORKER.get("demo_env")
-    if env is None:
-        env = _WORKER["demo_env"] = AlfworldEnv({**env_options, "max_steps": max_steps})
-    from evolving_rl.types import Task
-
-    task = Task.from_dict(task_dict)
-    r = env.reset(task)
-    steps = []
-    while not r.done:
-        a = env.expert_action()
-        if a is None:
-            break
-        steps.append({"observation": r.observation, "admissible": r.admissible, "action": a})
-        r = env.step(a)
-    return {"task": task_dict, "won": r.won, "steps": steps, "final_observation": r.observation}
-
-
-def write_demos(
-    suite_options: dict[str, Any],
-    split: str,
-    out_path: str | Path,
-    max_tasks: int | None = None,
-    workers: int = 2,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """The handcoded expert's trajectories on a split as JSONL (one episode per line).
-
-    Each line: {"task", "won", "steps": [{"observation", "admissible", "action"}], "final_observation"}.
-    """
-    tasks = AlfworldSuite(suite_options).tasks(split)[: max_tasks if max_tasks is not None else None]
-    max_steps = int(suite_options.get("max_steps", 50))
-    env_options = {k: v for k, v in suite_options.items() if k in ("seed", "games_dir")}
-    jobs = [(t.to_dict(), env_options, max_steps) for t in tasks]
-    t0 = time.perf_counter()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    won = steps = 0
-    pool = _pool(workers)
-    try:
-        with out_path.open("w") as f:
-            for i, ep in enumerate(pool.imap(_demo_episode, jobs, chunksize=1), 1):
-                f.write(json.dumps(ep) + "\n")
-                won += ep["won"]
-                steps += len(ep["steps"])
-                if progress:
-                    progress(i, len(jobs))
-    finally:
-        pool.terminate()
-        pool.join()
-    return {"episodes": len(jobs), "won": won, "steps": steps, "seconds": time.perf_counter() - t0, "path": str(out_path)}

@@ -49,6 +49,23 @@ class TaskSuite(Protocol):
         ...
 
 
+def max_steps_option(options: dict[str, Any], env: str, default: int) -> int:
+    """`options["max_steps"]` (else `default`) as an int >= 1.
+
+    Every engine ends its episodes at this budget itself, so a bad value must fail when the
+    env is built, naming the env and the option, not as a wrong comparison mid-episode.
+    "50" from a command line is accepted; 2.5, true or "fifty" are not.
+    """
+    value = options.get("max_steps", default)
+    try:
+        steps = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{env} option max_steps must be an integer >= 1, got {value!r}") from None
+    if steps < 1:
+        raise ValueError(f"{env} option max_steps must be >= 1, got {value!r}")
+    return steps
+
+
 EnvFactory = Callable[[dict[str, Any]], Env]
 SuiteFactory = Callable[[dict[str, Any]], TaskSuite]
 

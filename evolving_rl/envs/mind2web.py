@@ -43,7 +43,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from evolving_rl.envs.base import EnvError, register
+from evolving_rl.envs.base import EnvError, max_steps_option, register
 from evolving_rl.types import StepResult, Task
 
 ENV_NAME = "mind2web"
@@ -522,7 +522,7 @@ class Mind2WebEnv:
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         options = dict(options or {})
-        self.max_steps = int(options.get("max_steps", 50))
+        self.max_steps = max_steps_option(options, "mind2web", 50)
         self.max_elements = int(options.get("max_elements", 50))
         self.element_seed = int(options.get("element_seed", 0))
         self.element_chars = int(options.get("element_chars", 100))
@@ -532,7 +532,7 @@ class Mind2WebEnv:
         self.admissible_mode = str(options.get("admissible", "none"))
         self.file_cache = int(options.get("file_cache", 1))
         self.cache = cache_dir(options)
-        for name, val, low in (("max_steps", self.max_steps, 1), ("max_elements", self.max_elements, 1),
+        for name, val, low in (("max_elements", self.max_elements, 1),
                                ("element_chars", self.element_chars, 20), ("file_cache", self.file_cache, 1)):
             if val < low:
                 raise ValueError(f"mind2web option {name} must be >= {low}, got {val}")

@@ -35,7 +35,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"ScienceWorld is not installed ({e}); install it with: pip install evolving-rl[envs]") from e
 
 from evolving_rl.envs._jvm import JVMEpisode, stop_jvm
-from evolving_rl.envs.base import EnvError, register
+from evolving_rl.envs.base import EnvError, max_steps_option, register
 from evolving_rl.envs.splits import SeenUnseenSuite
 from evolving_rl.types import StepResult, Task
 
@@ -89,9 +89,7 @@ class SciWorldEnv(JVMEpisode):
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         options = dict(options or {})
-        self.max_steps = int(options.get("max_steps", 100))
-        if self.max_steps < 1:
-            raise ValueError(f"scienceworld option max_steps must be >= 1, got {self.max_steps}")
+        self.max_steps = max_steps_option(options, "scienceworld", 100)
         self.simplifications = str(options.get("simplifications", ""))
         self.admissible = bool(options.get("admissible", True))
         self.max_admissible = int(options.get("max_admissible", 100))

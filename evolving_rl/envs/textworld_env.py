@@ -30,7 +30,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"TextWorld is not installed ({e}); install it with: pip install evolving-rl[envs]") from e
 
-from evolving_rl.envs.base import EnvError, register
+from evolving_rl.envs.base import EnvError, max_steps_option, register
 from evolving_rl.envs.splits import FOLDS, SPLITS, check_names, split_fold
 from evolving_rl.types import StepResult, Task
 
@@ -150,9 +150,7 @@ class TWEnv:
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         options = dict(options or {})
-        self.max_steps = int(options.get("max_steps", 50))
-        if self.max_steps < 1:
-            raise ValueError(f"textworld option max_steps must be >= 1, got {self.max_steps}")
+        self.max_steps = max_steps_option(options, "textworld", 50)
         self.games_dir = Path(options.get("games_dir") or ".")
         self.use_expert = bool(options.get("expert", True))
         self._infos = textworld.EnvInfos(

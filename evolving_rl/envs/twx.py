@@ -29,7 +29,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 from evolving_rl.envs._jvm import JVMEpisode, stop_jvm
-from evolving_rl.envs.base import EnvError, register
+from evolving_rl.envs.base import EnvError, max_steps_option, register
 from evolving_rl.envs.splits import FOLDS, SeenUnseenSuite, check_names
 from evolving_rl.types import StepResult, Task
 
@@ -76,9 +76,7 @@ class TWXEnv(JVMEpisode):
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         options = dict(options or {})
-        self.max_steps = int(options.get("max_steps", 50))
-        if self.max_steps < 1:
-            raise ValueError(f"twx option max_steps must be >= 1, got {self.max_steps}")
+        self.max_steps = max_steps_option(options, "twx", 50)
         self.game_params = game_params(options)
         self.use_expert = bool(options.get("expert", True))
         self._engine: TextWorldExpressEnv | None = None

@@ -1,0 +1,115 @@
+"""Warm-start demonstrations for any environment whose engine has an expert.
+
+A tiny model trained from scratch cannot act by chance, so it is first cloned from the
+engine's expert (`evolving-rl sft`). Every engine exposes its expert the same way
+(`Env.expert_action`: a gold path, a walkthrough, a planner, the recorded Mind2Web action),
+so one loop writes demos for all of them: many episodes live at once in an `EnvPool`, one
+batched reset / expert / step call per turn across all of them, each episode ending when the
+env says done, the expert has no action, or `env.max_steps` is reached.
+
+Output: one JSON line per task, in the split's order, in the format `sft.load_demos` reads:
+{"task": Task.to_dict(), "won", "steps": [{"observation", "admissible", "action"}],
+"final_observation"}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from evolving_rl.config import RunConfig
+from evolving_rl.envs.base import make_suite
+from evolving_rl.envs.workers import EnvPool
+from evolving_rl.types import StepResult, Task
+
+SLOTS_PER_WORKER = 4  # live episodes per engine process: keeps every worker busy between calls
+
+
+def write_demos(
+    cfg: RunConfig,
+    split: str,
+    out_path: str | Path,
+    max_tasks: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Play the expert on the first `max_tasks` tasks of `split` and write them as JSONL.
+
+    Returns {"episodes", "won", "failed", "steps", "wall_s", "path"}. An episode whose worker
+    crashed twice (EnvPool gave up on it) is not the expert's play, so it is counted in
+    `failed` and not written; an env that raises (a corrupt task) stops the run, naming it.
+    """
+    from evolving_rl.train import env_options
+
+    if max_tasks is not None and max_tasks < 1:
+        raise ValueError(f"max_tasks must be >= 1, got {max_tasks}")
+    options = env_options(cfg)
+    suite = make_suite(cfg.env.name, options)
+    tasks = suite.tasks(split)[:max_tasks]
+    if not tasks:
+        raise ValueError(f"{cfg.env.name}: split {split!r} has no tasks")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    close_suite = getattr(suite, "close", None)  # engine-backed suites (TWX) hold a JVM
+    if close_suite:
+        close_suite()
+    t0 = time.perf_counter()
+    stats = {"episodes": 0, "won": 0, "failed": 0, "steps": 0}
+    live = SLOTS_PER_WORKER * max(1, cfg.env.num_workers)
+    partial = out.with_name(out.name + ".partial")  # a run that stops midway leaves no short demo file
+    with EnvPool(cfg.env.name, options, cfg.env.num_workers, cfg.env.step_timeout_s) as pool, partial.open("w") as f:
+        for i, record in enumerate(expert_episodes(pool, tasks, cfg.env.max_steps, live), 1):
+            if record.pop("error", None):
+                stats["failed"] += 1
+            else:
+                f.write(json.dumps(record) + "\n")
+                stats["episodes"] += 1
+                stats["won"] += bool(record["won"])
+                stats["steps"] += len(record["steps"])
+            if progress:
+                progress(i, len(tasks))
+    partial.replace(out)
+    return {**stats, "wall_s": time.perf_counter() - t0, "path": str(out)}
+
+
+def expert_episodes(pool: EnvPool, tasks: list[Task], max_steps: int, live: int) -> Iterator[dict]:
+    """Yield one demo record per task, in `tasks` order, playing up to `live` at once.
+
+    A record carries "error" when the pool gave up on its episode. Records that finish early
+    wait in a buffer so the file's order (and so the SFT data) does not depend on timing.
+    """
+    if live < 1:
+        raise ValueError(f"live must be >= 1, got {live}")
+    queue = list(enumerate(tasks))[::-1]  # popped from the end: task order
+    active: dict[int, tuple[int, Task, list[dict], StepResult]] = {}  # slot -> (index, task, steps, last)
+    finished: dict[int, dict] = {}
+    next_out = 0
+    while queue or active:
+        free = [s for s in range(live) if s not in active][: len(queue)]
+        if free:
+            starts = [(slot, queue.pop()) for slot in free]
+            results = pool.reset([(slot, task) for slot, (_, task) in starts])
+            for slot, (index, task) in starts:
+                active[slot] = (index, task, [], results[slot])
+        playing = [s for s, (_, _, steps, last) in active.items() if not last.done and len(steps) < max_steps]
+        advice = pool.expert_action(playing) if playing else {}
+        moves = {s: a for s, a in advice.items() if a is not None}
+        done = [s for s in active if s not in moves]
+        for slot in done:
+            index, task, steps, last = active.pop(slot)
+            record = {"task": task.to_dict(), "won": last.won, "steps": steps, "final_observation": last.observation}
+            if last.info.get("error"):  # EnvPool's answer for an episode it gave up on
+                record["error"] = str(last.info["error"])
+            finished[index] = record
+        if done:
+            pool.release(done)
+        if moves:
+            results = pool.step(list(moves.items()))
+            for slot, action in moves.items():
+                index, task, steps, last = active[slot]
+                steps.append({"observation": last.observation, "admissible": last.admissible, "action": action})
+                active[slot] = (index, task, steps, results[slot])
+        while next_out in finished:
+            yield finished.pop(next_out)
+            next_out += 1
