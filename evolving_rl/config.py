@@ -131,6 +131,12 @@ class SFTConfig(_Strict):
         0.3, ge=0, le=1, description="Tiny warm start: share of demos also shown with a same-type skill card."
     )
     max_extractor_examples: int = Field(300, ge=0, description="Tiny warm start: extraction demos (long: bounded).")
+    prompt_loss_weight: float = Field(
+        0.0, ge=0,
+        description="Tiny warm start: weight of a language-model loss on the prompt tokens. A from-scratch model "
+        "cannot read yet; predicting the env's own text (the state line copies the observations) teaches it to, "
+        "as pretraining does for an LLM. 0 for pretrained models.",
+    )
     dagger_rounds: int = Field(
         0, ge=0, description="DAgger rounds after cloning: play the clone, let the env's expert label its states, retrain."
     )

@@ -104,31 +104,48 @@ def parse_action(completion: str) -> tuple[str, bool]:
 # --- the state line: what the expert knows and a memoryless per-step prompt would not ---
 
 _GO_RE = re.compile(r"^go to (.+)$")
+_ROOM_RE = re.compile(r"Looking quickly around you, you see (.+?)\.(?:\s|$)", re.S)
 _SEE_RE = re.compile(r"(?:On|In) the (.+?), you see (.+?)\.", re.S)
 _TAKE_RE = re.compile(r"You pick up the (.+?) from the (.+?)\.")
 _PUT_RE = re.compile(r"You (?:move|put) the (.+?) (?:to|in|on|in/on) the (.+?)\.")
+_TREAT_RE = re.compile(r"You (heat|cool|clean) the (.+?) using the")
+_TREATED = {"heat": "heated", "cool": "cooled", "clean": "cleaned"}
+
+
+def _listed(items: str) -> list[str]:
+    """'a apple 1, a knife 2, and a mug 3' -> ['apple 1', 'knife 2', 'mug 3']."""
+    out = []
+    for obj in re.split(r",\s*(?:and\s+)?|\s+and\s+", items):
+        obj = obj.strip().removeprefix("a ").removeprefix("an ").strip()
+        if obj and obj != "nothing":
+            out.append(obj)
+    return out
 
 
 def state_line(turns: list[Turn], max_items: int = 12) -> str:
-    """Visited places, objects seen and where, and what is held, from the text alone.
+    """Places not yet visited, objects seen and where, and what is held (and whether it was
+    heated, cooled or cleaned), from the text alone.
 
     A per-step prompt shows only the last few steps, so without this the agent forgets what
     it has already searched (the warm-start probe revisited a checked receptacle in 69% of
-    its moves, the expert 15%: SPEC).
+    its moves, the expert 15%: SPEC). When the first observation lists the room, the line
+    names the places still unvisited, in the room's order: the expert searches the likely
+    ones among them from the end of that list, so the choice it makes is visible in one line
+    instead of being a function of the whole episode. Otherwise it names the visited places.
     """
+    room = _listed(m.group(1)) if turns and (m := _ROOM_RE.search(turns[0].observation)) else []
     visited: list[str] = []
     seen: dict[str, str] = {}
     held: str | None = None
+    treated: dict[str, str] = {}  # object -> heated / cooled / cleaned: gone from a short history
     for i, t in enumerate(turns):
         m = _GO_RE.match(t.action)
         if m and m.group(1) not in visited:
             visited.append(m.group(1))
         reply = turns[i + 1].observation if i + 1 < len(turns) else ""
         for place, items in _SEE_RE.findall(reply):
-            for obj in re.split(r",\s*(?:and\s+)?|\s+and\s+", items):
-                obj = obj.strip().removeprefix("a ").removeprefix("an ").strip()
-                if obj and obj != "nothing":
-                    seen[obj] = place
+            for obj in _listed(items):
+                seen[obj] = place
         if m2 := _TAKE_RE.search(reply):
             held = m2.group(1)
             seen.pop(held, None)
@@ -136,13 +153,17 @@ def state_line(turns: list[Turn], max_items: int = 12) -> str:
             seen[m3.group(1)] = m3.group(2)
             if held == m3.group(1):
                 held = None
+        if m4 := _TREAT_RE.search(reply):
+            treated[m4.group(2)] = _TREATED[m4.group(1)]
     parts = []
-    if visited:
+    if room:
+        parts.append("Unvisited: " + (", ".join(r for r in room if r not in visited) or "none"))
+    elif visited:
         parts.append("Visited: " + ", ".join(visited[-max_items:]))
     if seen:
         items = list(seen.items())[-max_items:]
         parts.append("Seen: " + ", ".join(f"{o} ({p})" for o, p in items))
-    parts.append("Holding: " + (held or "nothing"))
+    parts.append("Holding: " + (f"{held} ({treated[held]})" if held in treated else held or "nothing"))
     return ". ".join(parts) + "."
 
 
@@ -161,18 +182,21 @@ def per_step_messages(
     max_steps: int,
 ) -> list[dict[str, str]]:
     """The per-step prompt for turn `step` (1-based), given the turns before it."""
-    lines = [f"Task: {description}"]
-    if use_state_line:
-        lines.append("State: " + state_line(turns + [Turn(observation, admissible, "", "", True)]))
+    # What decides the next action (the state, the observation and the task) comes last,
+    # right before the reply: a small model trained from scratch learns to read nearby
+    # tokens first (it took the wrong object while the task sat at the top).
+    lines = ["Admissible actions: " + format_admissible(admissible)]
     recent = turns[-history:] if history else []
-    if recent:
+    if recent:  # each past action with what it led to; the last one's result is the observation below
         lines.append("Recent steps:")
         offset = len(turns) - len(recent)
         for j, t in enumerate(recent):
-            after = turns[offset + j + 1].observation if offset + j + 1 < len(turns) else observation
-            lines.append(f"> {t.action}\n{_squash(after)}")
+            after = turns[offset + j + 1].observation if offset + j + 1 < len(turns) else None
+            lines.append(f"> {t.action}" + (f"\n{_squash(after)}" if after is not None else ""))
+    if use_state_line:
+        lines.append("State: " + state_line(turns + [Turn(observation, admissible, "", "", True)]))
     lines.append(f"Step {step}/{max_steps}. Observation: {_squash(observation)}")
-    lines.append("Admissible actions: " + format_admissible(admissible))
+    lines.append(f"Task: {description}")
     return [
         {"role": "system", "content": solver_system(skill_card, reasoning, env)},
         {"role": "user", "content": "\n".join(lines)},

@@ -10,6 +10,7 @@ starts from its own abilities, as in the paper.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -22,7 +23,7 @@ import torch
 
 from evolving_rl import prompts
 from evolving_rl.config import RolloutConfig, SFTConfig
-from evolving_rl.types import Episode, Task, Turn
+from evolving_rl.types import Episode, Segment, Task, Turn
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Example:
     prompt_ids: list[int]
     completion_ids: list[int]
     kind: str  # solver | solver_skill | extractor
+    allowed: list[str] | None = None  # constrained decoding: the admissible actions the reply is one of
 
 
 def load_demos(paths: list[str]) -> list[dict]:
@@ -69,20 +71,21 @@ def solver_examples(policy, demo: dict, rollout: RolloutConfig, max_steps: int, 
         raise ValueError("sft: rollout.prompt_format must be per_step for behaviour cloning of the tiny model")
     turns = demo_turns(demo)
     desc = demo["task"]["description"]
+    env = demo["task"].get("env", "alfworld")
     for i, (t, s) in enumerate(zip(turns, demo["steps"])):
         target = s.get("expert", t.action)
         if not target or (t.admissible and target not in t.admissible):
             continue
         msgs = prompts.per_step_messages(
             desc, turns[:i], t.observation, t.admissible,
-            skill_card=skill_card, history=rollout.history, use_state_line=rollout.state_line,
+            skill_card=skill_card, env=env, history=rollout.history, use_state_line=rollout.state_line,
             reasoning=False, step=i + 1, max_steps=max_steps,
         )
-        yield Example(
-            policy.encode_chat(msgs),
-            policy.encode_text(prompts.action_completion(target)) + [policy.eos_token_id],
-            "solver_skill" if skill_card else "solver",
-        )
+        constrained = rollout.constrain_to_admissible and bool(t.admissible)
+        # A constrained reply ends where its allowed sequence ends (the trie), an open one with eos.
+        completion = policy.encode_text(prompts.action_completion(target)) + ([] if constrained else [policy.eos_token_id])
+        yield Example(policy.encode_chat(msgs), completion, "solver_skill" if skill_card else "solver",
+                      list(t.admissible) if constrained else None)
 
 
 def build_examples(policy, demos: list[dict], rollout: RolloutConfig, max_steps: int, *, skills: bool, seed: int,
@@ -125,22 +128,35 @@ def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> It
         yield [examples[i] for i in b]
 
 
-def sft_loss(model, batch: list[Example], pad_id: int, device) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over completion tokens of the batch (right-padded)."""
-    seqs = [e.prompt_ids + e.completion_ids for e in batch]
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (e, s) in enumerate(zip(batch, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        labels[i, len(e.prompt_ids) : len(s)] = torch.tensor(e.completion_ids)
-    ids, labels, attn = ids.to(device), labels.to(device), attn.to(device)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    tgt = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100)
-    return loss, int((tgt != -100).sum())
+def sft_loss(policy, batch: list[Example], encode=None, prompt_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Mean negative log-likelihood of the completion tokens, under the policy as it acts;
+    plus, with `prompt_weight`, that weight times the language-model loss on the prompt tokens.
+
+    The log-probs come from `policy.score`, the very function GRPO trains with: where the
+    rollout constrains decoding to the admissible actions, the likelihood is the one with
+    that mask applied, so cloning spends the model's capacity on choosing among admissible
+    actions rather than on spelling them. Without `prompt_weight` the output layer runs on
+    completion tokens only. `encode` maps an action to its completion ids (pass a memo:
+    actions repeat across steps).
+    """
+    encode = encode or (lambda a: policy.encode_text(prompts.action_completion(a)))
+    segments = []
+    for e in batch:
+        n_prompt, n = len(e.prompt_ids), len(e.completion_ids)
+        segments.append(Segment(
+            token_ids=e.prompt_ids + e.completion_ids,
+            logprobs=[0.0] * (n_prompt + n),
+            loss_mask=[0] * n_prompt + [1] * n,
+            allowed=[encode(a) for a in e.allowed] if e.allowed else None,
+        ))
+    scored = policy.score(segments, loss_positions_only=not prompt_weight, max_tokens_per_chunk=1 << 30)
+    tokens = sum(len(e.completion_ids) for e in batch)
+    completion_lp = torch.stack([lp[len(e.prompt_ids):].sum() for (lp, _), e in zip(scored, batch)]).sum()
+    loss = -completion_lp / max(1, tokens)
+    if prompt_weight:  # position 0 has no prediction
+        prompt_lp = torch.stack([lp[1 : len(e.prompt_ids)].sum() for (lp, _), e in zip(scored, batch)]).sum()
+        loss = loss - prompt_weight * prompt_lp / max(1, sum(len(e.prompt_ids) - 1 for e in batch))
+    return loss, tokens
 
 
 def train_sft(policy, examples: list[Example], cfg: SFTConfig, *, seed: int, log=None, bf16: bool = False) -> dict:
@@ -153,16 +169,24 @@ def train_sft(policy, examples: list[Example], cfg: SFTConfig, *, seed: int, log
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = max(1, int(steps_per_epoch * cfg.epochs))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
-    )
     t0 = time.perf_counter()
+
+    def lr_factor(s: int) -> float:
+        # Cosine over whichever budget runs out first, steps or minutes, so a run stopped
+        # by `max_minutes` still ends annealed instead of at a high learning rate.
+        progress = s / total
+        if cfg.max_minutes:
+            progress = max(progress, (time.perf_counter() - t0) / (cfg.max_minutes * 60))
+        return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    encode = functools.lru_cache(maxsize=None)(lambda a: policy.encode_text(prompts.action_completion(a)))
     step, tokens, losses = 0, 0, []
     stopped = "epochs"
     while step < total:
         for batch in _batches(examples, cfg.batch_size, rng):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and device.type == "cpu"):
-                loss, n = sft_loss(model, batch, policy.pad_token_id, device)
+                loss, n = sft_loss(policy, batch, encode, cfg.prompt_loss_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

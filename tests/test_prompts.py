@@ -32,9 +32,30 @@ def test_state_line_tracks_visits_sightings_and_holding():
     assert "Visited: countertop 1, fridge 1" in line
     assert "knife 2 (countertop 1)" in line and "mug 3 (countertop 1)" in line
     assert "Holding: apple 1" in line
+    turns[-1].action = "heat apple 1 with microwave 1"
+    turns.append(Turn("You heat the apple 1 using the microwave 1.", None, "", "", True))
+    assert "Holding: apple 1 (heated)" in prompts.state_line(turns)
     turns.append(Turn("You move the apple 1 to the fridge 1.", None, "", "", True))
     turns[-2].action = "move apple 1 to fridge 1"
     assert "Holding: nothing" in prompts.state_line(turns)
+
+
+def test_state_line_names_unvisited_places_in_the_rooms_order():
+    room = ("-= Welcome to TextWorld, ALFRED! =-\n\nYou are in the middle of a room. Looking quickly around you, "
+            "you see a cabinet 2, a cabinet 1, a fridge 1, and a sinkbasin 1.\n\nYour task is to: put a apple in fridge.")
+    turns = [Turn(room, None, "", "go to cabinet 1", True), Turn("The cabinet 1 is closed.", None, "", "", True)]
+    assert prompts.state_line(turns).startswith("Unvisited: cabinet 2, fridge 1, sinkbasin 1.")
+    turns[-1].action = "go to cabinet 2"
+    turns += [Turn("You arrive at cabinet 2.", None, "", "go to fridge 1", True), Turn("x", None, "", "go to sinkbasin 1", True),
+              Turn("You arrive at sinkbasin 1.", None, "", "", True)]
+    assert prompts.state_line(turns).startswith("Unvisited: none.")
+
+
+def test_per_step_prompt_shows_each_observation_once():
+    turns = [Turn("obs 0", ["look"], "", "act 0", True), Turn("obs 1", ["look"], "", "act 1", True)]
+    user = prompts.per_step_messages("t", turns, "obs now", ["look"], skill_card=None, history=2, use_state_line=False,
+                                     reasoning=False, step=3, max_steps=50)[1]["content"]
+    assert "> act 0\nobs 1\n> act 1\nStep 3/50. Observation: obs now" in user and user.count("obs now") == 1
 
 
 def test_per_step_prompt_holds_skill_history_and_admissible():

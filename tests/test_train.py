@@ -88,7 +88,7 @@ def test_sft_recipe_still_trains(games_dir, demos_path, tiny_model, tmp_path, ma
     """The warm-start recipe (configs/sft_tiny.yaml at test size): all three example kinds are
     built and a few epochs lower the loss on the expert's actions."""
     from evolving_rl.policy.hf import HFPolicy
-    from evolving_rl.sft import build_examples, load_demos, sft_loss, train_sft
+    from evolving_rl.sft import Example, build_examples, load_demos, sft_loss, train_sft
 
     cfg = make_config(games_dir, tiny_model, tmp_path, "sft.epochs=3", "sft.lr=3e-3", "sft.batch_size=16",
                       "sft.warmup_steps=2", "sft.max_extractor_examples=4")
@@ -98,15 +98,20 @@ def test_sft_recipe_still_trains(games_dir, demos_path, tiny_model, tmp_path, ma
     kinds = {e.kind for e in examples}
     assert kinds == {"solver", "solver_skill", "extractor"}
     solver = [e for e in examples if e.kind == "solver"][:32]
+    extractor = [e for e in examples if e.kind == "extractor"]
     with torch.no_grad():
-        before = sft_loss(policy.model, solver, policy.pad_token_id, "cpu")[0].item()
+        before = [sft_loss(policy, solver)[0].item(), sft_loss(policy, extractor)[0].item()]
     metrics = train_sft(policy, examples, cfg.sft, seed=0)
     with torch.no_grad():
-        after = sft_loss(policy.model, solver, policy.pad_token_id, "cpu")[0].item()
-    assert metrics["steps"] > 0 and after < 0.7 * before, (before, after)
-    # the reply format was learned: completions are "<action>...</action>" + eos
-    text = policy.decode(solver[0].completion_ids)
-    assert text.startswith("<action>") and text.rstrip().endswith("</action>")
+        after = [sft_loss(policy, solver)[0].item(), sft_loss(policy, extractor)[0].item()]
+    assert metrics["steps"] > 0 and after[0] < 0.7 * before[0] and after[1] < 0.9 * before[1], (before, after)
+    # constrained decoding is on: a solver reply is one admissible "<action>...</action>", and its
+    # likelihood is the masked one the policy acts with (so it is never lower than the open one)
+    e = solver[0]
+    text = policy.decode(e.completion_ids)
+    assert text.startswith("<action>") and text.endswith("</action>") and text[8:-9] in e.allowed
+    open_loss = sft_loss(policy, [Example(e.prompt_ids, e.completion_ids, e.kind)])[0].item()
+    assert sft_loss(policy, [e])[0].item() <= open_loss + 1e-6
 
 
 def test_dagger_round_labels_the_clones_own_states(games_dir, demos_path, tiny_model, tmp_path, make_config):
