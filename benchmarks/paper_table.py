@@ -43,13 +43,15 @@ BUDGETS: dict[str, dict] = {
                       "rollout.extractor.max_new_tokens=48", "eval.max_tasks=2", "eval.repeats=1"],
     },
     "cpu": {
-        "about": "the documented CPU run, a few hours on 2 cores: 16 steps at quickstart scale (B=4 N=4 K=2), "
-                 "20 eval tasks per split, 3 repeats",
+        "about": "the documented CPU run, about 1 h on 2 cores: 4 steps at quickstart scale (B=2 N=4 K=2, "
+                 "18 episodes per step), 20 eval games per split, task types round-robin (greedy, so one "
+                 "repeat: repeats of a greedy policy on a deterministic engine are identical)",
         "config": CONFIGS / "quickstart.yaml",
         "games": None,
-        "overrides": ["train.steps=16", "train.eval_every=4", "train.eval_max_tasks=20", "evolving.sources_per_step=4",
-                      "evolving.num_skills=4", "evolving.num_downstream=2", "grpo.group_size=4", "eval.max_tasks=20",
-                      "eval.repeats=3"],
+        "overrides": ["env.games_dir=games/alfworld", "games.train=500", "games.train_unseen=40", "games.eval_seen=40",
+                      "games.eval_unseen=40", "train.steps=4", "train.eval_every=0", "evolving.sources_per_step=2",
+                      "evolving.num_skills=4", "evolving.num_downstream=2", "grpo.group_size=6", "eval.max_tasks=20",
+                      "eval.repeats=1"],
     },
     "paper": {
         "about": "the paper's ALFWorld settings for a GPU machine (Qwen2.5-7B-Instruct): 150 steps, B=16 N=8 K=4, "
