@@ -43,7 +43,7 @@ BUDGETS: dict[str, dict] = {
                       "rollout.extractor.max_new_tokens=48", "eval.max_tasks=2", "eval.repeats=1"],
     },
     "cpu": {
-        "about": "the documented CPU run, about 1 h on 2 cores: 4 steps at quickstart scale (B=2 N=4 K=2, "
+        "about": "the documented CPU run, 30-40 min on 2 idle cores: 4 steps at quickstart scale (B=2 N=4 K=2, "
                  "18 episodes per step), 20 eval games per split, task types round-robin (greedy, so one "
                  "repeat: repeats of a greedy policy on a deterministic engine are identical)",
         "config": CONFIGS / "quickstart.yaml",
@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def method_cfg(name: str, seed: int) -> RunConfig:
         extra = METHODS[name] + (grpo_overrides if name == "GRPO" else [])
+        # The start row already evaluated this checkpoint (greedy, same games): a method's own
+        # "before" evaluation would repeat it, at a third of the method's wall time.
+        extra += [] if args.no_start_row else ["train.eval_initial=false"]
         return load_config(config, fixed + extra + [f"seed={cfg.seed + seed}", f"run_dir={out / f'seed{seed}' / slug(name)}"])
 
     if args.dry_run:
