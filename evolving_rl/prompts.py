@@ -14,6 +14,7 @@ The reply format is always `<action>...</action>` (with free reasoning before it
 
 from __future__ import annotations
 
+import functools
 import re
 
 from evolving_rl.types import Episode, Turn
@@ -83,6 +84,13 @@ def format_admissible(admissible: list[str] | None) -> str:
 def action_completion(action: str) -> str:
     """The reply a demonstration teaches: the canonical form of one action."""
     return f"<action>{action}</action>"
+
+
+def action_encoder(policy):
+    """action -> the ids of its completion under `policy`, memoised: the same few hundred
+    actions recur in every step (the admissible-action trie, the SFT targets). Bounded, since
+    an env with open-ended actions (ScienceWorld) keeps producing new ones over a long run."""
+    return functools.lru_cache(maxsize=1 << 16)(lambda a: policy.encode_text(action_completion(a)))
 
 
 _ACTION_RE = re.compile(r"<action>(.*?)(?:</action>|$)", re.S)

@@ -48,6 +48,7 @@ class Rollout:
         self.pool = pool
         self.cfg = cfg
         self.max_steps = max_steps
+        self._action_ids = prompts.action_encoder(policy)
         self.stats: dict[str, float] = {"policy_s": 0.0, "env_s": 0.0, "generated_tokens": 0, "prompt_tokens": 0}
 
     # -- prompts --------------------------------------------------------------------------
@@ -87,7 +88,7 @@ class Rollout:
         adm = live.last.admissible
         if not self.cfg.constrain_to_admissible or not adm:
             return None
-        return [self.policy.encode_text(prompts.action_completion(a)) for a in adm]
+        return [self._action_ids(a) for a in adm]
 
     def _env_turn_ids(self, live: _Live, step: int) -> list[int]:
         """multi_turn: the tokens that close the assistant turn and open the next user turn.

@@ -10,7 +10,6 @@ starts from its own abilities, as in the paper.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
@@ -136,10 +135,9 @@ def sft_loss(policy, batch: list[Example], encode=None, prompt_weight: float = 0
     rollout constrains decoding to the admissible actions, the likelihood is the one with
     that mask applied, so cloning spends the model's capacity on choosing among admissible
     actions rather than on spelling them. Without `prompt_weight` the output layer runs on
-    completion tokens only. `encode` maps an action to its completion ids (pass a memo:
-    actions repeat across steps).
+    completion tokens only. `encode` is a `prompts.action_encoder`; pass one across batches.
     """
-    encode = encode or (lambda a: policy.encode_text(prompts.action_completion(a)))
+    encode = encode or prompts.action_encoder(policy)
     segments = []
     for e in batch:
         n_prompt, n = len(e.prompt_ids), len(e.completion_ids)
@@ -180,7 +178,7 @@ def train_sft(policy, examples: list[Example], cfg: SFTConfig, *, seed: int, log
         return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    encode = functools.lru_cache(maxsize=None)(lambda a: policy.encode_text(prompts.action_completion(a)))
+    encode = prompts.action_encoder(policy)
     step, tokens, losses = 0, 0, []
     stopped = "epochs"
     while step < total:
