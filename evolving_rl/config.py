@@ -96,6 +96,10 @@ class RolloutConfig(_Strict):
     constrain_to_admissible: bool = Field(
         False, description="Mask decoding to admissible actions (same mask when sampling and scoring)."
     )
+    list_admissible: bool = Field(
+        True, description="per_step: list the admissible actions in the prompt. false needs constrain_to_admissible "
+        "(the mask then holds them): a from-scratch model reads ~40% fewer prompt tokens.",
+    )
     max_prompt_tokens: int = Field(4096, ge=64, description="Longer prompts are cut from the left.")
     solver: SamplingConfig = Field(default_factory=SamplingConfig)
     extractor: SamplingConfig = Field(
@@ -239,6 +243,10 @@ class RunConfig(_Strict):
             for s in splits:
                 if self.env.name == "alfworld" and s not in SPLITS:
                     raise ValueError(f"{field_name}: unknown split {s!r}; allowed: {', '.join(SPLITS)}")
+        r = self.rollout
+        if not r.list_admissible and not (r.constrain_to_admissible and r.prompt_format == "per_step"):
+            raise ValueError("rollout.list_admissible: false works only with rollout.prompt_format: per_step and "
+                             "rollout.constrain_to_admissible: true (else the model never learns what it may do)")
         return self
 
 

@@ -340,6 +340,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
     from evolving_rl.envs.base import make_suite
     from evolving_rl.envs.workers import EnvPool
     from evolving_rl.policy.hf import HFPolicy
+    from evolving_rl.sft import prompt_mismatch
     from evolving_rl.skills.library import SkillLibrary
     from evolving_rl.train import env_options
 
@@ -348,6 +349,8 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
     suite = make_suite(cfg.env.name, env_options(cfg))
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
     policy = HFPolicy(cfg.model)
+    if warn := prompt_mismatch(cfg.rollout, checkpoint):
+        console_print(f"warning: {warn}")
     library = None
     if skills:
         src = Path(skills)

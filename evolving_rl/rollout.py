@@ -68,6 +68,7 @@ class Rollout:
                 reasoning=self.cfg.reasoning,
                 step=len(ep.turns) + 1,
                 max_steps=self.max_steps,
+                list_admissible=self.cfg.list_admissible,
             )
             ids = self.policy.encode_chat(msgs)
         else:

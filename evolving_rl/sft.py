@@ -78,7 +78,7 @@ def solver_examples(policy, demo: dict, rollout: RolloutConfig, max_steps: int, 
         msgs = prompts.per_step_messages(
             desc, turns[:i], t.observation, t.admissible,
             skill_card=skill_card, env=env, history=rollout.history, use_state_line=rollout.state_line,
-            reasoning=False, step=i + 1, max_steps=max_steps,
+            reasoning=False, step=i + 1, max_steps=max_steps, list_admissible=rollout.list_admissible,
         )
         constrained = rollout.constrain_to_admissible and bool(t.admissible)
         # A constrained reply ends where its allowed sequence ends (the trie), an open one with eos.
@@ -225,7 +225,7 @@ def corpus_from_demos(demos: list[dict], cfg, max_demos: int = 400) -> list[str]
             msgs = prompts.per_step_messages(
                 d["task"]["description"], turns[:i], t.observation, t.admissible, skill_card=None,
                 history=cfg.rollout.history, use_state_line=cfg.rollout.state_line, reasoning=False,
-                step=i + 1, max_steps=cfg.env.max_steps,
+                step=i + 1, max_steps=cfg.env.max_steps, list_admissible=cfg.rollout.list_admissible,
             )
             texts.append(msgs[1]["content"])
             texts.append(t.completion)
@@ -235,6 +235,24 @@ def corpus_from_demos(demos: list[dict], cfg, max_demos: int = 400) -> list[str]
             texts.append(sk.to_json())
             texts.append(prompts.extractor_messages(demo_episode(d), max_trajectory_chars=3000)[1]["content"])
     return texts
+
+
+PROMPT_FIELDS = ("prompt_format", "history", "state_line", "list_admissible", "constrain_to_admissible")
+
+
+def prompt_mismatch(rollout: RolloutConfig, model_path: str) -> str | None:
+    """How this run's prompts differ from the ones a cloned checkpoint learned (its
+    sft_config.yaml), or None. A from-scratch clone knows only its own prompt layout: shown
+    another, it plays at chance, silently."""
+    import yaml
+
+    p = Path(model_path) / "sft_config.yaml"
+    if not p.is_file():
+        return None
+    cloned = (yaml.safe_load(p.read_text()) or {}).get("rollout") or {}
+    diff = [f"rollout.{k}: cloned with {cloned[k]!r}, this run {getattr(rollout, k)!r}"
+            for k in PROMPT_FIELDS if k in cloned and cloned[k] != getattr(rollout, k)]
+    return f"{model_path} was cloned on other prompts ({'; '.join(diff)})" if diff else None
 
 
 def dagger_record(ep: Episode) -> dict:

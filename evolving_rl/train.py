@@ -24,6 +24,7 @@ from evolving_rl.envs.base import make_suite
 from evolving_rl.envs.workers import EnvPool
 from evolving_rl.evaluate import Evaluator, check_no_overlap, compare_table, format_table
 from evolving_rl.rollout import Job, Rollout
+from evolving_rl.sft import prompt_mismatch
 from evolving_rl.types import Sample, Task
 
 
@@ -92,6 +93,8 @@ class Trainer:
         # merged model: fresh adapters on merged weights would not match the optimizer state.
         model_path = str(latest / "model") if latest and not cfg.model.lora.enabled else cfg.model.path
         self.policy = HFPolicy(cfg.model.model_copy(update={"path": model_path}), device=self.accelerator.device)
+        if warn := prompt_mismatch(cfg.rollout, cfg.model.path):
+            self.print(f"warning: {warn}")
         # The KL anchor is the *initial* policy, also after a resume.
         self.reference = HFPolicy(cfg.model, device=self.accelerator.device).reference() if latest else self.policy.reference()
         roles = self._roles()

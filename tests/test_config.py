@@ -28,6 +28,7 @@ def test_overrides_are_typed():
         ("evolving.num_skills=zero", ["evolving.num_skills", "'zero'"]),
         ("eval.splits=[test]", ["eval.splits", "'test'", "eval_unseen"]),
         ("evolving.exclusion=all", ["evolving.exclusion", "identical_description"]),
+        ("rollout.list_admissible=false", ["rollout.list_admissible", "constrain_to_admissible: true"]),
     ],
 )
 def test_bad_values_name_the_field(override, needles):
@@ -77,3 +78,15 @@ def test_shipped_configs_load_and_name_registered_envs_and_their_splits():
         allowed = env_splits[cfg.env.name]
         for s in [*cfg.eval.splits, *cfg.eval.experience_pool]:
             assert allowed is None or s in allowed, f"{c.name}: split {s!r} is not one of {cfg.env.name}'s"
+
+
+def test_a_run_on_other_prompts_than_its_clone_learned_is_named(tmp_path):
+    from evolving_rl.sft import prompt_mismatch
+
+    cfg = load_config(None, ["rollout.constrain_to_admissible=true", "rollout.list_admissible=false"])
+    save_config(cfg, tmp_path / "sft_config.yaml")
+    assert prompt_mismatch(cfg.rollout, str(tmp_path)) is None
+    other = load_config(None, ["rollout.constrain_to_admissible=true", "rollout.history=1"])
+    msg = prompt_mismatch(other.rollout, str(tmp_path))
+    assert "rollout.list_admissible: cloned with False, this run True" in msg and "rollout.history" in msg
+    assert prompt_mismatch(other.rollout, str(tmp_path / "no-such-model")) is None  # not a clone: nothing to compare

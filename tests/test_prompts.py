@@ -51,6 +51,29 @@ def test_state_line_names_unvisited_places_in_the_rooms_order():
     assert prompts.state_line(turns).startswith("Unvisited: none.")
 
 
+def test_state_line_records_opened_receptacles_and_the_task_objects_in_view():
+    turns = [
+        Turn("You are in the middle of a room.", None, "", "go to drawer 2", True),
+        Turn("You arrive at drawer 2. The drawer 2 is closed.", None, "", "open drawer 2", True),
+        Turn("You open the drawer 2. The drawer 2 is open. In it, you see a fork 2, a spoon 1, and a spoon 12.", None, "", "", True),
+    ]
+    line = prompts.state_line(turns, task="put some spoon on sinkbasin.")
+    assert "fork 2 (drawer 2)" in line and "spoon 1 (drawer 2)" in line  # an opened receptacle's contents count as seen
+    assert "Task objects here: spoon 1, spoon 12." in line  # the task's kind, not the fork; not 'spoonbill'-style prefixes
+    assert "Task objects here" not in prompts.state_line(turns, task="put a knife in drawer.")
+    turns[-1].action = "close drawer 2"
+    turns.append(Turn("You close the drawer 2.", None, "", "", True))
+    assert "Task objects here" not in prompts.state_line(turns, task="put some spoon on sinkbasin.")  # only what is in view
+
+
+def test_per_step_prompt_can_leave_the_admissible_list_to_the_decoding_mask():
+    kw = dict(skill_card=None, history=2, use_state_line=True, reasoning=False, step=1, max_steps=50)
+    listed = prompts.per_step_messages("t", [], "obs", ["look", "go to fridge 1"], **kw)[1]["content"]
+    unlisted = prompts.per_step_messages("t", [], "obs", ["look", "go to fridge 1"], list_admissible=False, **kw)[1]["content"]
+    assert "Admissible actions: look, go to fridge 1" in listed
+    assert "Admissible" not in unlisted and "go to fridge 1" not in unlisted and unlisted in listed
+
+
 def test_per_step_prompt_shows_each_observation_once():
     turns = [Turn("obs 0", ["look"], "", "act 0", True), Turn("obs 1", ["look"], "", "act 1", True)]
     user = prompts.per_step_messages("t", turns, "obs now", ["look"], skill_card=None, history=2, use_state_line=False,
