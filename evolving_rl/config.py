@@ -135,6 +135,10 @@ class SFTConfig(_Strict):
         0.3, ge=0, le=1, description="Tiny warm start: share of demos also shown with a same-type skill card."
     )
     max_extractor_examples: int = Field(300, ge=0, description="Tiny warm start: extraction demos (long: bounded).")
+    extractor_repeats: int = Field(
+        1, ge=1, description="Tiny warm start: times each extraction example appears per epoch. They are ~2% of the "
+        "examples, too few views for a from-scratch model to learn to write a skill's JSON.",
+    )
     prompt_loss_weight: float = Field(
         0.0, ge=0,
         description="Tiny warm start: weight of a language-model loss on the prompt tokens. A from-scratch model "

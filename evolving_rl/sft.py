@@ -88,7 +88,8 @@ def solver_examples(policy, demo: dict, rollout: RolloutConfig, max_steps: int, 
 
 
 def build_examples(policy, demos: list[dict], rollout: RolloutConfig, max_steps: int, *, skills: bool, seed: int,
-                   skill_use_fraction: float = 0.3, max_extractor_examples: int = 300) -> list[Example]:
+                   skill_use_fraction: float = 0.3, max_extractor_examples: int = 300,
+                   extractor_repeats: int = 1) -> list[Example]:
     """Solver examples from every won demo; with `skills`, also skill-use and extraction examples."""
     rng = random.Random(seed)
     examples: list[Example] = []
@@ -109,7 +110,7 @@ def build_examples(policy, demos: list[dict], rollout: RolloutConfig, max_steps:
             examples.extend(solver_examples(policy, d, rollout, max_steps, skill_card=card))
     for d, js in rng.sample(skill_json, min(len(skill_json), max_extractor_examples)):  # all task types
         msgs = prompts.extractor_messages(demo_episode(d), max_trajectory_chars=3000)
-        examples.append(Example(policy.encode_chat(msgs), policy.encode_text(js) + [policy.eos_token_id], "extractor"))
+        examples += [Example(policy.encode_chat(msgs), policy.encode_text(js) + [policy.eos_token_id], "extractor")] * extractor_repeats
     return examples
 
 
@@ -314,7 +315,8 @@ def run_sft(cfg, out: Path, *, skills: bool, bf16: bool, console=None) -> dict:
     policy = HFPolicy(cfg.model)
     examples = build_examples(policy, demos, cfg.rollout, cfg.env.max_steps, skills=skills, seed=cfg.seed,
                               skill_use_fraction=cfg.sft.skill_use_fraction,
-                              max_extractor_examples=cfg.sft.max_extractor_examples)
+                              max_extractor_examples=cfg.sft.max_extractor_examples,
+                              extractor_repeats=cfg.sft.extractor_repeats)
     kinds = {k: sum(e.kind == k for e in examples) for k in ("solver", "solver_skill", "extractor")}
     say(f"sft: {len(demos)} demos -> {len(examples)} examples {kinds}")
     metrics = train_sft(policy, examples, cfg.sft, seed=cfg.seed, bf16=bf16, log=lambda r: say(r))

@@ -97,6 +97,11 @@ def test_sft_recipe_still_trains(games_dir, demos_path, tiny_model, tmp_path, ma
                               seed=0, skill_use_fraction=0.5, max_extractor_examples=4)
     kinds = {e.kind for e in examples}
     assert kinds == {"solver", "solver_skill", "extractor"}
+    repeated = build_examples(policy, load_demos([str(demos_path)]), cfg.rollout, cfg.env.max_steps, skills=True,
+                              seed=0, skill_use_fraction=0.5, max_extractor_examples=4, extractor_repeats=3)
+    count = lambda xs, k: sum(e.kind == k for e in xs)  # noqa: E731
+    assert count(repeated, "extractor") == 3 * count(examples, "extractor") > 0
+    assert count(repeated, "solver") == count(examples, "solver")
     solver = [e for e in examples if e.kind == "solver"][:32]
     extractor = [e for e in examples if e.kind == "extractor"]
     with torch.no_grad():
