@@ -198,6 +198,9 @@ class EvolvingConfig(_Strict):
     solver: RoleConfig = Field(default_factory=RoleConfig)
     max_skill_chars: int = Field(4000, ge=100, description="Audit: longer cards fail.")
     min_skill_chars: int = Field(40, ge=0, description="Audit: shorter cards fail.")
+    max_trajectory_chars: int = Field(
+        6000, ge=200, description="The extractor reads at most this much of a trajectory (its start and end); "
+                                  "a cloned extractor must be run with the length it was cloned with.")
 
 
 class RetrievalConfig(_Strict):

@@ -134,7 +134,7 @@ def compare_table(before: list[SplitResult], after: list[SplitResult], title: st
 
 def run_one_shot(rollout: Rollout, policy, split: str, tasks: list[Task], index, sampling: SamplingConfig,
                  extract_sampling: SamplingConfig, repeats: int, seed: int, *, min_chars: int, max_chars: int,
-                 progress=None) -> tuple[SplitResult, list[dict]]:
+                 max_trajectory_chars: int, progress=None) -> tuple[SplitResult, list[dict]]:
     """The paper's protocol: per test task, the most similar task of the experience pool is
     played without skill, one skill is extracted from it, and the test task is played with it.
 
@@ -149,7 +149,7 @@ def run_one_shot(rollout: Rollout, policy, split: str, tasks: list[Task], index,
     for r in range(repeats):
         exp_eps = rollout.run([Job(s) for s, _ in sims], sampling, seed=seed * 31 + r)
         cands = extract_skills(policy, exp_eps, 1, extract_sampling, min_chars=min_chars, max_chars=max_chars,
-                               seed=seed * 37 + r)
+                               seed=seed * 37 + r, max_trajectory_chars=max_trajectory_chars)
         cards = [c.card if c.valid else None for c in cands]
         eps = rollout.run([Job(t, card) for t, card in zip(tasks, cards)], sampling, seed=seed * 41 + r, progress=progress)
         for t, (src, sim), c, e, ep in zip(tasks, sims, cands, exp_eps, eps):
@@ -162,7 +162,8 @@ def run_one_shot(rollout: Rollout, policy, split: str, tasks: list[Task], index,
 
 def run_library(rollout: Rollout, policy, split: str, tasks: list[Task], library, embedder, sampling: SamplingConfig,
                 extract_sampling: SamplingConfig, *, top_m: int, wave: int, seed: int, model_name: str,
-                min_chars: int, max_chars: int, learn: bool = True, progress=None) -> tuple[SplitResult, list[dict]]:
+                min_chars: int, max_chars: int, max_trajectory_chars: int, learn: bool = True,
+                progress=None) -> tuple[SplitResult, list[dict]]:
     """Test-time self-evolution over a seeded task stream with a persistent skill library.
 
     For each task: retrieve the top-m live skills for its description, play with them, extract
@@ -191,7 +192,7 @@ def run_library(rollout: Rollout, policy, split: str, tasks: list[Task], library
                 if not ep.failed:
                     library.record_use(r.id, bool(ep.won))
         cands = extract_skills(policy, eps, 1, extract_sampling, min_chars=min_chars, max_chars=max_chars,
-                               seed=seed * 47 + start) if learn else []
+                               seed=seed * 47 + start, max_trajectory_chars=max_trajectory_chars) if learn else []
         for i, (t, ep, recs) in enumerate(zip(chunk, eps, picked)):
             res.add(ep)
             c = cands[i] if cands else None
@@ -258,7 +259,8 @@ class Evaluator:
         repeats = repeats or cfg.eval.repeats
         sampling = eval_sampling(cfg.rollout.solver, cfg.eval.greedy)
         extract = eval_sampling(cfg.rollout.extractor, cfg.eval.greedy)
-        lim = dict(min_chars=cfg.evolving.min_skill_chars, max_chars=cfg.evolving.max_skill_chars)
+        lim = dict(min_chars=cfg.evolving.min_skill_chars, max_chars=cfg.evolving.max_skill_chars,
+                   max_trajectory_chars=cfg.evolving.max_trajectory_chars)
         results: list[SplitResult] = []
         records: list[dict] = []
         extras: dict = {}
@@ -349,7 +351,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
     suite = make_suite(cfg.env.name, env_options(cfg))
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
     policy = HFPolicy(cfg.model)
-    if warn := prompt_mismatch(cfg.rollout, checkpoint):
+    if warn := prompt_mismatch(cfg, checkpoint):
         console_print(f"warning: {warn}")
     library = None
     if skills:

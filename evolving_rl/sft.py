@@ -89,7 +89,7 @@ def solver_examples(policy, demo: dict, rollout: RolloutConfig, max_steps: int, 
 
 def build_examples(policy, demos: list[dict], rollout: RolloutConfig, max_steps: int, *, skills: bool, seed: int,
                    skill_use_fraction: float = 0.3, max_extractor_examples: int = 300,
-                   extractor_repeats: int = 1) -> list[Example]:
+                   extractor_repeats: int = 1, max_trajectory_chars: int = 6000) -> list[Example]:
     """Solver examples from every won demo; with `skills`, also skill-use and extraction examples."""
     rng = random.Random(seed)
     examples: list[Example] = []
@@ -109,7 +109,7 @@ def build_examples(policy, demos: list[dict], rollout: RolloutConfig, max_steps:
             card = rng.choice(cards[d["task"]["task_type"]])
             examples.extend(solver_examples(policy, d, rollout, max_steps, skill_card=card))
     for d, js in rng.sample(skill_json, min(len(skill_json), max_extractor_examples)):  # all task types
-        msgs = prompts.extractor_messages(demo_episode(d), max_trajectory_chars=3000)
+        msgs = prompts.extractor_messages(demo_episode(d), max_trajectory_chars=max_trajectory_chars)
         examples += [Example(policy.encode_chat(msgs), policy.encode_text(js) + [policy.eos_token_id], "extractor")] * extractor_repeats
     return examples
 
@@ -234,14 +234,15 @@ def corpus_from_demos(demos: list[dict], cfg, max_demos: int = 400) -> list[str]
             sk = rule_skill_from_demo(d)
             texts.append(render_card(sk))
             texts.append(sk.to_json())
-            texts.append(prompts.extractor_messages(demo_episode(d), max_trajectory_chars=3000)[1]["content"])
+            texts.append(prompts.extractor_messages(demo_episode(d), max_trajectory_chars=cfg.evolving.max_trajectory_chars)[1]["content"])
     return texts
 
 
-PROMPT_FIELDS = ("prompt_format", "history", "state_line", "list_admissible", "constrain_to_admissible")
+PROMPT_FIELDS = ("rollout.prompt_format", "rollout.history", "rollout.state_line", "rollout.list_admissible",
+                 "rollout.constrain_to_admissible", "evolving.max_trajectory_chars")
 
 
-def prompt_mismatch(rollout: RolloutConfig, model_path: str) -> str | None:
+def prompt_mismatch(cfg, model_path: str) -> str | None:
     """How this run's prompts differ from the ones a cloned checkpoint learned (its
     sft_config.yaml), or None. A from-scratch clone knows only its own prompt layout: shown
     another, it plays at chance, silently."""
@@ -250,9 +251,13 @@ def prompt_mismatch(rollout: RolloutConfig, model_path: str) -> str | None:
     p = Path(model_path) / "sft_config.yaml"
     if not p.is_file():
         return None
-    cloned = (yaml.safe_load(p.read_text()) or {}).get("rollout") or {}
-    diff = [f"rollout.{k}: cloned with {cloned[k]!r}, this run {getattr(rollout, k)!r}"
-            for k in PROMPT_FIELDS if k in cloned and cloned[k] != getattr(rollout, k)]
+    cloned = yaml.safe_load(p.read_text()) or {}
+    diff = []
+    for name in PROMPT_FIELDS:
+        section, key = name.split(".")
+        was, now = (cloned.get(section) or {}).get(key), getattr(getattr(cfg, section), key)
+        if was is not None and was != now:
+            diff.append(f"{name}: cloned with {was!r}, this run {now!r}")
     return f"{model_path} was cloned on other prompts ({'; '.join(diff)})" if diff else None
 
 
@@ -316,7 +321,8 @@ def run_sft(cfg, out: Path, *, skills: bool, bf16: bool, console=None) -> dict:
     examples = build_examples(policy, demos, cfg.rollout, cfg.env.max_steps, skills=skills, seed=cfg.seed,
                               skill_use_fraction=cfg.sft.skill_use_fraction,
                               max_extractor_examples=cfg.sft.max_extractor_examples,
-                              extractor_repeats=cfg.sft.extractor_repeats)
+                              extractor_repeats=cfg.sft.extractor_repeats,
+                              max_trajectory_chars=cfg.evolving.max_trajectory_chars)
     kinds = {k: sum(e.kind == k for e in examples) for k in ("solver", "solver_skill", "extractor")}
     say(f"sft: {len(demos)} demos -> {len(examples)} examples {kinds}")
     metrics = train_sft(policy, examples, cfg.sft, seed=cfg.seed, bf16=bf16, log=lambda r: say(r))

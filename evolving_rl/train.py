@@ -93,7 +93,7 @@ class Trainer:
         # merged model: fresh adapters on merged weights would not match the optimizer state.
         model_path = str(latest / "model") if latest and not cfg.model.lora.enabled else cfg.model.path
         self.policy = HFPolicy(cfg.model.model_copy(update={"path": model_path}), device=self.accelerator.device)
-        if warn := prompt_mismatch(cfg.rollout, cfg.model.path):
+        if warn := prompt_mismatch(cfg, cfg.model.path):
             self.print(f"warning: {warn}")
         # The KL anchor is the *initial* policy, also after a resume.
         self.reference = HFPolicy(cfg.model, device=self.accelerator.device).reference() if latest else self.policy.reference()

@@ -85,8 +85,10 @@ def test_a_run_on_other_prompts_than_its_clone_learned_is_named(tmp_path):
 
     cfg = load_config(None, ["rollout.constrain_to_admissible=true", "rollout.list_admissible=false"])
     save_config(cfg, tmp_path / "sft_config.yaml")
-    assert prompt_mismatch(cfg.rollout, str(tmp_path)) is None
-    other = load_config(None, ["rollout.constrain_to_admissible=true", "rollout.history=1"])
-    msg = prompt_mismatch(other.rollout, str(tmp_path))
+    assert prompt_mismatch(cfg, str(tmp_path)) is None
+    other = load_config(None, ["rollout.constrain_to_admissible=true", "rollout.history=1",
+                               "evolving.max_trajectory_chars=3000"])
+    msg = prompt_mismatch(other, str(tmp_path))
     assert "rollout.list_admissible: cloned with False, this run True" in msg and "rollout.history" in msg
-    assert prompt_mismatch(other.rollout, str(tmp_path / "no-such-model")) is None  # not a clone: nothing to compare
+    assert "evolving.max_trajectory_chars: cloned with 6000, this run 3000" in msg
+    assert prompt_mismatch(other, str(tmp_path / "no-such-model")) is None  # not a clone: nothing to compare

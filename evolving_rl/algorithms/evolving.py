@@ -46,7 +46,7 @@ class Candidate:
 
 
 def extract_skills(policy, episodes: list[Episode], n: int, sampling, *, min_chars: int, max_chars: int,
-                   seed: int | None = None, max_trajectory_chars: int = 6000) -> list[Candidate]:
+                   seed: int | None = None, max_trajectory_chars: int) -> list[Candidate]:
     """N candidate skills per episode, all in one batched generate call; never raises on bad output."""
     from evolving_rl.skills.skill import audit, parse_skill, render_card
 
@@ -102,7 +102,8 @@ class EvolvingStep:
         cands: list[Candidate] = []
         if ev.skill_mode != "none":
             cands = extract_skills(t.policy, src_eps, ev.num_skills, cfg.rollout.extractor, min_chars=ev.min_skill_chars,
-                                   max_chars=ev.max_skill_chars, seed=cfg.seed * 104_729 + step)
+                                   max_chars=ev.max_skill_chars, seed=cfg.seed * 104_729 + step,
+                                   max_trajectory_chars=ev.max_trajectory_chars)
         lap("extract")
 
         # (3) K downstream tasks per source from the training pool
