@@ -44,14 +44,15 @@ BUDGETS: dict[str, dict] = {
     },
     "cpu": {
         "about": "the documented CPU run, 30-40 min on 2 idle cores: 4 steps at quickstart scale (B=2 N=4 K=2, "
-                 "18 episodes per step), 20 eval games per split, task types round-robin (greedy, so one "
-                 "repeat: repeats of a greedy policy on a deterministic engine are identical)",
+                 "18 episodes per step) at lr 1e-4 (2e-5 left the tiny policy where it started in 4 steps), "
+                 "20 eval games per split, task types round-robin (greedy, so one repeat: repeats of a greedy "
+                 "policy on a deterministic engine are identical)",
         "config": CONFIGS / "quickstart.yaml",
         "games": None,
         "overrides": ["env.games_dir=games/alfworld", "games.train=500", "games.train_unseen=40", "games.eval_seen=40",
-                      "games.eval_unseen=40", "train.steps=4", "train.eval_every=0", "evolving.sources_per_step=2",
-                      "evolving.num_skills=4", "evolving.num_downstream=2", "grpo.group_size=6", "eval.max_tasks=20",
-                      "eval.repeats=1"],
+                      "games.eval_unseen=40", "train.steps=4", "grpo.lr=1e-4", "train.eval_every=0",
+                      "evolving.sources_per_step=2", "evolving.num_skills=4", "evolving.num_downstream=2",
+                      "grpo.group_size=6", "eval.max_tasks=20", "eval.repeats=1"],
     },
     "paper": {
         "about": "the paper's ALFWorld settings for a GPU machine (Qwen2.5-7B-Instruct): 150 steps, B=16 N=8 K=4, "
@@ -69,6 +70,7 @@ METHODS: dict[str, list[str]] = {
     "extractor only": ["algorithm=evolving", "evolving.solver.train=false"],
 }
 START = "start (no RL)"
+WALL = "paper_table_wall.json"
 COLUMNS = [("eval_seen", "no_skill"), ("eval_seen", "one_shot"), ("eval_unseen", "no_skill"), ("eval_unseen", "one_shot")]
 COLUMN_NAMES = ["seen, no skill", "seen, with skill", "unseen, no skill", "unseen, with skill"]
 
@@ -101,7 +103,30 @@ def train_record(run_dir: Path) -> dict:
     train = [r for r in rows if r.get("kind") == "train"]
     return {"steps": len(train), "episodes": sum(r.get("episodes", 0) for r in train),
             "train_s": sum(r.get("time_collect_s", 0) + r.get("time_update_s", 0) for r in train),
-            "reward_mean": [r.get("reward_mean") for r in train]}
+            **{k: [r.get(k) for r in train] for k in CURVES}}
+
+
+CURVES = {"reward_mean": "mean reward of the step's samples", "downstream_success": "downstream episodes won",
+          "parse_rate": "extractor outputs that parse"}
+
+
+def plot_curves(curves: dict[str, dict[str, list]], png: Path) -> None:
+    """One panel per CURVES key, one line per method (seed 0): the per-step view behind the table."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4 * len(CURVES), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (key, title) in zip(fig.subplots(1, len(CURVES)), CURVES.items()):
+        for i, (name, rec) in enumerate(curves.items()):  # one colour per method in every panel
+            ys = rec.get(key) or []
+            if any(y is not None for y in ys):
+                ax.plot(range(1, len(ys) + 1), [float("nan") if y is None else y for y in ys], marker="o",
+                        color=f"C{i}", label=name)
+        ax.set(title=title, xlabel="step", ylim=(-0.05, 1.05))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.axes[0].legend(fontsize="small")
+    fig.savefig(png, dpi=90)
 
 
 def run_method(cfg: RunConfig) -> dict:
@@ -111,24 +136,36 @@ def run_method(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     if (run_dir / "eval" / "final.json").exists() and (run_dir / "metrics.jsonl").exists():
         say(f"  reusing the finished run in {run_dir}")
-        return {"reused": True}
+        return reused(run_dir)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=(run_dir / "metrics.jsonl").exists())
     try:
         trainer.fit()
     finally:
         trainer.close()
-    return {"reused": False, "wall_s": time.perf_counter() - t0}
+    return finished(run_dir, t0)
+
+
+def finished(run_dir: Path, t0: float) -> dict:
+    """A run's wall time, kept beside it so a rerun that reuses the run still reports it."""
+    info = {"reused": False, "wall_s": time.perf_counter() - t0}
+    write_json(run_dir / WALL, info)
+    return info
+
+
+def reused(run_dir: Path) -> dict:
+    wall = run_dir / WALL
+    return {**(json.loads(wall.read_text()) if wall.exists() else {}), "reused": True}
 
 
 def run_start(cfg: RunConfig, out: Path) -> dict:
     from evolving_rl.evaluate import evaluate_checkpoint
 
     if (out / "eval" / "final.json").exists():
-        return {"reused": True}
+        return reused(out)
     t0 = time.perf_counter()
     evaluate_checkpoint(cfg, cfg.model.path, out, tag="final", protocols=["no_skill", "one_shot"])
-    return {"reused": False, "wall_s": time.perf_counter() - t0}
+    return finished(out, t0)
 
 
 def pooled(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
@@ -170,7 +207,8 @@ def markdown(report: dict) -> str:
               "Cells: greedy success, Wilson 95% interval, n episodes (pooled over seeds and repeats). "
               "'with skill' is the one-shot protocol: a skill extracted from the most similar "
               "experience-pool task. Tiny model and generated games: comparable in shape, not in "
-              "absolute numbers, to the paper."]
+              "absolute numbers, to the paper.", "",
+              f"![per-step curves, seed 0](paper_table_{report['budget']}_curves.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -241,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ([] if args.no_start_row else [START]) + list(METHODS)
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     timing: dict[str, dict] = {n: {"wall_s": 0.0, "train_s": 0.0, "episodes": 0} for n in names}
+    curves: dict[str, dict] = {}
     for seed in range(args.seeds):
         for name in names:
             if name == START and seed > 0:  # greedy evaluation of the same checkpoint: seed 0 says it all
@@ -257,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                 timing[name]["train_s"] += rec["train_s"]
                 timing[name]["episodes"] += rec["episodes"]
                 timing[name].setdefault("reward_curves", []).append(rec["reward_mean"])  # per seed, per step
+                if seed == 0:
+                    curves[name] = rec
             timing[name]["wall_s"] += info.get("wall_s", 0.0)
             per_seed[name].append(read_cells(run_dir))
     for name in names:
@@ -274,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     write_json(results / f"paper_table_{args.budget}.json", report)
     (results / f"paper_table_{args.budget}.md").write_text(md)
-    say("\n" + md + f"\nwrote {results / f'paper_table_{args.budget}.json'} and .md")
+    plot_curves(curves, results / f"paper_table_{args.budget}_curves.png")
+    say("\n" + md + f"\nwrote {results / f'paper_table_{args.budget}.json'}, .md and _curves.png")
     return 0
 
 

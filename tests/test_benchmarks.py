@@ -82,3 +82,5 @@ def test_paper_table_smoke(games_dir, tiny_model, make_config, tmp_path):
     md = (results / "paper_table_smoke.md").read_text()
     assert "| method | seen, no skill | seen, with skill | unseen, no skill | unseen, with skill |" in md
     assert all(f"| {name} |" in md for name in report["rows"]) and "Relative gain of Evolving-RL over GRPO" in md
+    png = results / "paper_table_smoke_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(paper_table_smoke_curves.png)" in md
