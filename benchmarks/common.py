@@ -30,6 +30,12 @@ if str(ROOT / "benchmarks") not in sys.path:  # `python benchmarks/x.py` and `im
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def rel(path: str | Path) -> str:
+    """A path as results files record it: relative to the checkout, so they read the same on any machine."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def quiet_hf() -> None:
     """Loading bars from transformers would bury the tables."""
     from transformers.utils import logging as hf_logging
@@ -67,7 +73,7 @@ def ensure_model(cfg: RunConfig, work_dir: Path, max_demos: int = 48) -> tuple[s
 
     out = Path(work_dir) / "fresh-tiny"
     note = (f"NOTE: {cfg.model.path} does not exist; using a FRESH UNTRAINED tiny model built from "
-            f"expert demos ({out}): speeds are valid, success rates are not")
+            f"expert demos ({rel(out)}): speeds are valid, success rates are not")
     if (out / "config.json").is_file():
         return str(out), note
     demos = Path(work_dir) / "demos_train.jsonl"

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
-from common import RESULTS_DIR, ROOT, ensure_games, ensure_model, machine, quiet_hf, say, write_json  # noqa: E402
+from common import RESULTS_DIR, ROOT, ensure_games, ensure_model, machine, quiet_hf, rel, say, write_json  # noqa: E402
 from speed import grpo_matching  # noqa: E402
 
 from evolving_rl.config import RunConfig, load_config  # noqa: E402
@@ -43,7 +43,7 @@ BUDGETS: dict[str, dict] = {
                       "rollout.extractor.max_new_tokens=48", "eval.max_tasks=2", "eval.repeats=1"],
     },
     "cpu": {
-        "about": "the documented CPU run, 30-40 min on 2 idle cores: 4 steps at quickstart scale (B=2 N=4 K=2, "
+        "about": "the documented CPU run, 20-40 min on 2 idle cores: 4 steps at quickstart scale (B=2 N=4 K=2, "
                  "18 episodes per step) at lr 1e-4 (2e-5 left the tiny policy where it started in 4 steps), "
                  "20 eval games per split, task types round-robin (greedy, so one repeat: repeats of a greedy "
                  "policy on a deterministic engine are identical)",
@@ -304,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"cells": pooled(per_seed[name]), **timing[name]}
     evo, grpo = rows["Evolving-RL"]["cells"], rows["GRPO"]["cells"]
     report = {
-        "budget": args.budget, "about": budget["about"], "seeds": args.seeds, "config": config,
+        "budget": args.budget, "about": budget["about"], "seeds": args.seeds, "config": rel(config),
         "overrides": list(args.overrides), "model": provenance, "budget_arithmetic": arithmetic,
         "columns": [f"{s}/{p}" for s, p in COLUMNS], "rows": rows,
         "gain_unseen": {p: relative_gain(evo[f"eval_unseen/{p}"]["success"], grpo[f"eval_unseen/{p}"]["success"])
                         for p in ("no_skill", "one_shot")},
-        "runs": str(out), "machine": machine(),
+        "runs": rel(out), "machine": machine(),
     }
     md = markdown(report)
     results = Path(args.results)

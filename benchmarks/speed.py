@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py and policy_speed.py beside this file
-from common import RESULTS_DIR, ROOT, ensure_games, ensure_model, machine, quiet_hf, say, table, write_json  # noqa: E402
+from common import RESULTS_DIR, ROOT, ensure_games, ensure_model, machine, quiet_hf, rel, say, table, write_json  # noqa: E402
 
 from evolving_rl.config import load_config  # noqa: E402
 
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"speed benchmark: {provenance}")
         say(f"config {args.config}; B={e.sources_per_step} N={e.num_skills} K={e.num_downstream}; "
             f"GRPO step matched to the Evolving-RL step: {why}")
-        report: dict[str, Any] = {"machine": machine(), "config": args.config, "overrides": overrides,
+        report: dict[str, Any] = {"machine": machine(), "config": rel(args.config), "overrides": overrides,
                                   "model": provenance, "grpo_matching": why}
         run(cfg, work, report, skip, sweep, args.env_steps)
         say(f"\nwrote {write_json(Path(args.json), report)}")
