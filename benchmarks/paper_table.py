@@ -222,11 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="Where the runs go (default: runs/paper_table_<budget>).")
     ap.add_argument("--results", default=str(RESULTS_DIR), help="Where the JSON and markdown table go.")
     ap.add_argument("--no-start-row", action="store_true", help="Skip evaluating the starting checkpoint.")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"Comma-separated subset of: {', '.join(METHODS)} (GRPO and Evolving-RL always run).")
     ap.add_argument("--dry-run", action="store_true", help="Print the resolved settings and the arithmetic only.")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (after the budget's)")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    methods = [m for m in METHODS if m in methods or m in ("GRPO", "Evolving-RL")]  # the gain needs both
     quiet_hf()
     budget = BUDGETS[args.budget]
     config = args.config or str(budget["config"])
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return load_config(config, fixed + extra + [f"seed={cfg.seed + seed}", f"run_dir={out / f'seed{seed}' / slug(name)}"])
 
     if args.dry_run:
-        for name in METHODS:
+        for name in methods:
             c = method_cfg(name, 0)
             say(f"{name}: algorithm={c.algorithm} steps={c.train.steps} B={c.evolving.sources_per_step} "
                 f"N={c.evolving.num_skills} K={c.evolving.num_downstream} G={c.grpo.group_size} "
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows: dict[str, dict] = {}
-    names = ([] if args.no_start_row else [START]) + list(METHODS)
+    names = ([] if args.no_start_row else [START]) + methods
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     timing: dict[str, dict] = {n: {"wall_s": 0.0, "train_s": 0.0, "episodes": 0} for n in names}
     curves: dict[str, dict] = {}

@@ -52,6 +52,15 @@ def test_pooled_cells_add_seeds_and_gain_is_relative():
     assert paper_table.relative_gain(0.5, 0.0) is None
 
 
+def test_methods_subset_keeps_the_two_the_gain_needs(capsys):
+    assert paper_table.main(["--budget", "smoke", "--dry-run", "--methods", "solver only"]) == 0
+    out = capsys.readouterr().out
+    assert "GRPO: algorithm=grpo" in out and "Evolving-RL: algorithm=evolving" in out and "solver only:" in out
+    assert "extractor only:" not in out
+    with pytest.raises(SystemExit, match="--methods: unknown"):
+        paper_table.main(["--budget", "smoke", "--dry-run", "--methods", "GRPO,PPO"])
+
+
 @pytest.mark.slow
 def test_paper_table_smoke(games_dir, tiny_model, make_config, tmp_path):
     from evolving_rl.config import save_config
