@@ -98,16 +98,16 @@ def read_cells(run_dir: Path) -> dict[str, dict]:
             for r in data["results"]}
 
 
+CURVES = {"reward_mean": "mean reward of the step's samples", "downstream_success": "downstream episodes won",
+          "parse_rate": "extractor outputs that parse"}
+
+
 def train_record(run_dir: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
     return {"steps": len(train), "episodes": sum(r.get("episodes", 0) for r in train),
             "train_s": sum(r.get("time_collect_s", 0) + r.get("time_update_s", 0) for r in train),
             **{k: [r.get(k) for r in train] for k in CURVES}}
-
-
-CURVES = {"reward_mean": "mean reward of the step's samples", "downstream_success": "downstream episodes won",
-          "parse_rate": "extractor outputs that parse"}
 
 
 def plot_curves(curves: dict[str, dict[str, list]], png: Path) -> None:
