@@ -210,7 +210,7 @@ class EnvPool:
         self._stale: set[int] = set()  # restarted after an interrupted call: rebuild before use
         self._host = _EnvHost(env_name, self.options) if num_workers == 0 else None
         self._ctx = mp.get_context(start_method)
-        self._workers = [_Worker(self._ctx, env_name, self.options, i) for i in range(num_workers)]
+        self._workers = [self._spawn(i) for i in range(num_workers)]
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._host)
 
@@ -429,9 +429,13 @@ class EnvPool:
         left = [op for op in left if op[0] != "replay"]
         return self._replays(w, {op[1] for op in left if op[0] == "reset"}) + left
 
+    def _spawn(self, index: int) -> Any:
+        """A fresh worker for position `index` (the seam a Ray-actor pool overrides)."""
+        return _Worker(self._ctx, self.env_name, self.options, index)
+
     def _restart(self, w: int) -> None:
         self._workers[w].kill()
-        self._workers[w] = _Worker(self._ctx, self.env_name, self.options, w)
+        self._workers[w] = self._spawn(w)
         self.stats["restarts"] += 1
 
     def _replays(self, w: int, skip: set[int]) -> list[Op]:
