@@ -11,7 +11,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evolving_rl.common import check_no_overlap
 from evolving_rl.config import SamplingConfig
+from evolving_rl.extraction import extract_skills
 from evolving_rl.rollout import Job, Rollout
 from evolving_rl.types import Episode, Task
 
@@ -141,8 +143,6 @@ def run_one_shot(rollout: Rollout, policy, split: str, tasks: list[Task], index,
     `index` holds only the experience pool, so a test task can never retrieve itself.
     Returns the with-skill result and, per test task, the skill used (for reports).
     """
-    from evolving_rl.algorithms.evolving import extract_skills
-
     res = SplitResult(split, "one_shot")
     used: list[dict] = []
     sims = [index.top_k(t, 1, exclusion="none")[0] for t in tasks]  # deterministic: once for all repeats
@@ -173,8 +173,6 @@ def run_library(rollout: Rollout, policy, split: str, tasks: list[Task], library
     library (skill transfer: policy B uses the library policy A built).
     """
     import numpy as np
-
-    from evolving_rl.algorithms.evolving import extract_skills
 
     order = list(range(len(tasks)))
     random.Random(seed).shuffle(order)
@@ -318,17 +316,6 @@ def skill_deltas(results: list[SplitResult]) -> dict[str, dict[str, float]]:
     return out
 
 
-def check_no_overlap(pool: list[Task], eval_sets: dict[str, list[Task]], pool_name: str) -> None:
-    """Refuse to run when an evaluation split shares a task (by id or by game file) with a pool."""
-    ids = {t.id for t in pool}
-    files = {t.locator for t in pool}
-    for split, tasks in eval_sets.items():
-        bad = [t.id for t in tasks if t.id in ids or t.locator in files]
-        if bad:
-            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            raise ValueError(f"leakage: {len(bad)} task(s) of eval split {split!r} are also in the {pool_name}: {shown}")
-
-
 def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", protocols=None, skills: str | None = None,
                         learn: bool | None = None, console_print=print) -> list[SplitResult]:
     """`evolving-rl eval`: any Hugging Face model directory, the configured splits and protocols.
@@ -339,18 +326,15 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
     """
     import shutil
 
-    from evolving_rl.envs.base import make_suite
-    from evolving_rl.envs.workers import EnvPool
-    from evolving_rl.policy.hf import HFPolicy
-    from evolving_rl.sft import prompt_mismatch
+    from evolving_rl.builders import build_policy, build_pool, build_rollout, build_suite
+    from evolving_rl.common import prompt_mismatch
     from evolving_rl.skills.library import SkillLibrary
-    from evolving_rl.train import env_options
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    suite = make_suite(cfg.env.name, env_options(cfg))
+    suite = build_suite(cfg)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
-    policy = HFPolicy(cfg.model)
+    policy = build_policy(cfg)
     if warn := prompt_mismatch(cfg, checkpoint):
         console_print(f"warning: {warn}")
     library = None
@@ -361,8 +345,8 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
         shutil.copyfile(src, out / "skills.sqlite")
         library = SkillLibrary(out / "skills.sqlite", cfg.library.dedup_threshold)
         protocols = protocols or ["library"]
-    with EnvPool(cfg.env.name, env_options(cfg), cfg.env.num_workers, cfg.env.step_timeout_s) as pool:
-        rollout = Rollout(policy, pool, cfg.rollout, cfg.env.max_steps)
+    with build_pool(cfg) as pool:
+        rollout = build_rollout(cfg, policy, pool)
         ev = Evaluator(cfg, suite, rollout, policy, out, console_print)
         results = ev.run(tag, 0, protocols=protocols, library=library, learn=(learn if learn is not None else skills is None))
     console_print(format_table(results, f"{checkpoint} ({tag})"))

@@ -238,29 +238,6 @@ def corpus_from_demos(demos: list[dict], cfg, max_demos: int = 400) -> list[str]
     return texts
 
 
-PROMPT_FIELDS = ("rollout.prompt_format", "rollout.history", "rollout.state_line", "rollout.list_admissible",
-                 "rollout.constrain_to_admissible", "evolving.max_trajectory_chars")
-
-
-def prompt_mismatch(cfg, model_path: str) -> str | None:
-    """How this run's prompts differ from the ones a cloned checkpoint learned (its
-    sft_config.yaml), or None. A from-scratch clone knows only its own prompt layout: shown
-    another, it plays at chance, silently."""
-    import yaml
-
-    p = Path(model_path) / "sft_config.yaml"
-    if not p.is_file():
-        return None
-    cloned = yaml.safe_load(p.read_text()) or {}
-    diff = []
-    for name in PROMPT_FIELDS:
-        section, key = name.split(".")
-        was, now = (cloned.get(section) or {}).get(key), getattr(getattr(cfg, section), key)
-        if was is not None and was != now:
-            diff.append(f"{name}: cloned with {was!r}, this run {now!r}")
-    return f"{model_path} was cloned on other prompts ({'; '.join(diff)})" if diff else None
-
-
 def dagger_record(ep: Episode) -> dict:
     """A clone's episode as a demo whose history is the clone's and whose targets are the expert's."""
     steps = [{"observation": t.observation, "admissible": t.admissible, "action": t.action, "expert": t.expert} for t in ep.turns]
@@ -272,18 +249,17 @@ def dagger(policy, cfg, train_tasks: list[Task], examples: list[Example], *, bf1
     it leaves the expert's path. Each round plays the clone greedily on training games, asks
     the env's expert what it would do in every state the clone reached, and trains on the
     demos plus all labels so far."""
-    from evolving_rl.envs.workers import EnvPool
+    from evolving_rl.builders import build_pool, build_rollout
     from evolving_rl.evaluate import eval_sampling
-    from evolving_rl.rollout import Job, Rollout
-    from evolving_rl.train import env_options
+    from evolving_rl.rollout import Job
 
     labelled: list[Example] = []
     rounds = []
     for r in range(cfg.sft.dagger_rounds):
         tasks = random.Random(cfg.seed * 7919 + r).sample(train_tasks, min(cfg.sft.dagger_games, len(train_tasks)))
         t0 = time.perf_counter()
-        with EnvPool(cfg.env.name, env_options(cfg), cfg.env.num_workers, cfg.env.step_timeout_s) as pool:
-            rollout = Rollout(policy, pool, cfg.rollout, cfg.env.max_steps, label_expert=True)
+        with build_pool(cfg) as pool:
+            rollout = build_rollout(cfg, policy, pool, label_expert=True)
             episodes = [e for e in rollout.run([Job(t) for t in tasks], eval_sampling(cfg.rollout.solver, greedy=True)) if not e.failed]
         turns = [t for e in episodes for t in e.turns]
         new = [x for e in episodes for x in solver_examples(policy, dagger_record(e), cfg.rollout, cfg.env.max_steps)]
@@ -301,23 +277,19 @@ def dagger(policy, cfg, train_tasks: list[Task], examples: list[Example], *, bf1
 
 def run_sft(cfg, out: Path, *, skills: bool, bf16: bool, console=None) -> dict:
     """The documented warm-start recipe: clone the expert, save, then evaluate greedily."""
+    from evolving_rl.builders import build_policy, build_pool, build_rollout, build_suite
+    from evolving_rl.common import check_no_overlap
     from evolving_rl.config import save_config
-    from evolving_rl.envs.base import make_suite
-    from evolving_rl.envs.workers import EnvPool
     from evolving_rl.evaluate import cap_tasks, eval_sampling, format_table, run_no_skill
-    from evolving_rl.policy.hf import HFPolicy
-    from evolving_rl.rollout import Rollout
-    from evolving_rl.evaluate import check_no_overlap
-    from evolving_rl.train import env_options
 
     say = (lambda x: console.print(x, soft_wrap=True, highlight=False, markup=False)) if console is not None else print
     out = Path(out)
     demos = load_demos(cfg.sft.demos)
-    suite = make_suite(cfg.env.name, env_options(cfg))
+    suite = build_suite(cfg)
     eval_tasks = {s: cap_tasks(suite.tasks(s), cfg.eval.max_tasks) for s in cfg.eval.splits}
     demo_tasks = [Task.from_dict(d["task"]) for d in demos]
     check_no_overlap(demo_tasks, eval_tasks, "SFT demonstrations")
-    policy = HFPolicy(cfg.model)
+    policy = build_policy(cfg)
     examples = build_examples(policy, demos, cfg.rollout, cfg.env.max_steps, skills=skills, seed=cfg.seed,
                               skill_use_fraction=cfg.sft.skill_use_fraction,
                               max_extractor_examples=cfg.sft.max_extractor_examples,
@@ -331,8 +303,8 @@ def run_sft(cfg, out: Path, *, skills: bool, bf16: bool, console=None) -> dict:
         metrics["dagger"] = dagger(policy, cfg, suite.tasks("train"), examples, bf16=bf16, say=say)
     policy.save(out)
     save_config(cfg, out / "sft_config.yaml")
-    with EnvPool(cfg.env.name, env_options(cfg), cfg.env.num_workers, cfg.env.step_timeout_s) as pool:
-        rollout = Rollout(policy, pool, cfg.rollout, cfg.env.max_steps)
+    with build_pool(cfg) as pool:
+        rollout = build_rollout(cfg, policy, pool)
         sampling = eval_sampling(cfg.rollout.solver, greedy=True)
         results = [run_no_skill(rollout, s, t, sampling, 1, cfg.eval.seed) for s, t in eval_tasks.items()]
     say(format_table(results, "After SFT (greedy, no skill)"))

@@ -22,44 +22,10 @@ import torch
 from evolving_rl.config import RunConfig, save_config
 from evolving_rl.envs.base import make_suite
 from evolving_rl.envs.workers import EnvPool
-from evolving_rl.evaluate import Evaluator, check_no_overlap, compare_table, format_table
+from evolving_rl.common import TaskCursor, check_no_overlap, env_options, episode_samples, prompt_mismatch
+from evolving_rl.evaluate import Evaluator, compare_table, format_table
 from evolving_rl.rollout import Job, Rollout
-from evolving_rl.sft import prompt_mismatch
 from evolving_rl.types import Sample, Task
-
-
-def env_options(cfg: RunConfig) -> dict:
-    return {"games_dir": cfg.env.games_dir, "max_steps": cfg.env.max_steps, "seed": cfg.seed, **cfg.env.options}
-
-
-class TaskCursor:
-    """Seeded epoch-wise shuffles of the training pool; (epoch, position) is all its state."""
-
-    def __init__(self, tasks: list[Task], seed: int, epoch: int = 0, pos: int = 0):
-        self.tasks, self.seed, self.epoch, self.pos = tasks, seed, epoch, pos
-        self._order = self._perm()
-
-    def _perm(self) -> list[int]:
-        order = list(range(len(self.tasks)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def take(self, n: int) -> list[Task]:
-        out = []
-        for _ in range(n):
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._perm()
-            out.append(self.tasks[self._order[self.pos]])
-            self.pos += 1
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-
-def episode_samples(ep, role: str, group: str, reward: float, episode_id: str) -> list[Sample]:
-    return [Sample(seg, role, group, reward, episode=episode_id) for seg in ep.segments]
 
 
 class Trainer:

@@ -81,7 +81,7 @@ def test_shipped_configs_load_and_name_registered_envs_and_their_splits():
 
 
 def test_a_run_on_other_prompts_than_its_clone_learned_is_named(tmp_path):
-    from evolving_rl.sft import prompt_mismatch
+    from evolving_rl.common import prompt_mismatch
 
     cfg = load_config(None, ["rollout.constrain_to_admissible=true", "rollout.list_admissible=false"])
     save_config(cfg, tmp_path / "sft_config.yaml")

@@ -1,0 +1,48 @@
+"""One place that turns a config into the run's parts: task suite, policy, reference policy,
+env pool and rollout (torchtune's component builders).
+
+Training, evaluation, SFT, demos and the benchmarks all build through here, so a new backend
+(a vLLM policy, a Ray env pool) is wired in once.
+"""
+
+from __future__ import annotations
+
+from evolving_rl.common import env_options
+
+
+def build_suite(cfg):
+    """The configured engine's task suite (splits and tasks)."""
+    from evolving_rl.envs.base import make_suite
+
+    return make_suite(cfg.env.name, env_options(cfg))
+
+
+def build_policy(cfg, *, path: str | None = None, device=None):
+    """The trainable policy from `model` (or from `path`, e.g. a checkpoint's model directory)."""
+    from evolving_rl.policy.hf import HFPolicy
+
+    model = cfg.model if path is None else cfg.model.model_copy(update={"path": str(path)})
+    return HFPolicy(model) if device is None else HFPolicy(model, device=device)
+
+
+def build_reference(cfg, policy, *, resumed: bool, device=None):
+    """The frozen KL anchor: the *initial* policy (`model.path`), also after a resume, when
+    `policy` holds trained weights and cannot serve as its own reference."""
+    if not resumed:
+        return policy.reference()
+    return build_policy(cfg, device=device).reference()
+
+
+def build_pool(cfg, *, options: dict | None = None):
+    """The env pool the rollout plays through (`env.num_workers` engine processes)."""
+    from evolving_rl.envs.workers import EnvPool
+
+    return EnvPool(cfg.env.name, options if options is not None else env_options(cfg), cfg.env.num_workers,
+                   cfg.env.step_timeout_s)
+
+
+def build_rollout(cfg, policy, pool, *, label_expert: bool = False):
+    """The rollout engine with the run's prompt settings and episode budget."""
+    from evolving_rl.rollout import Rollout
+
+    return Rollout(policy, pool, cfg.rollout, cfg.env.max_steps, label_expert=label_expert)
