@@ -235,6 +235,60 @@ class RunConfig(_Strict):
     games: GamesConfig = Field(default_factory=GamesConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+class EvolveConfig(_Strict):
+    """Test-time self-evolution with guardrails (`evolving-rl evolve`, `evolving-rl serve`): the
+    skill lifecycle in evolving_rl/serve/evolver.py. A new skill is quarantined; a share of the
+    episodes it matches try it, a share play with no skill (its control); it is promoted or
+    retired only when the posterior of (its success - its control's) says so with `confidence`."""
+
+    control_share: float = Field(
+        0.2, ge=0, lt=1, description="Share of matching episodes played with no skill: the control every skill is "
+        "measured against. 0 stops all measurement (nothing is ever promoted or retired).")
+    trial_share: float = Field(
+        0.5, ge=0, le=1, description="Of the other matching episodes, the share that tries the best quarantined "
+        "skill while a promoted one also matches (with no promoted match, a quarantined skill is always tried).")
+    min_similarity: float = Field(
+        0.5, ge=-1, le=1, description="A skill matches a task when the cosine similarity of their task "
+        "descriptions (MiniLM) is at least this; below it the episode plays without skill, outside the test.")
+    candidates: int = Field(8, ge=1, le=100, description="Most similar live skills considered per episode.")
+    min_uses: int = Field(
+        10, ge=1, description="Neither promote nor retire before the skill has this many episodes and so has its "
+        "control: a rate from a handful of episodes is noise.")
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Promote when P(skill rate - control rate > margin) >= this under the "
+        "Beta(1 + wins, 1 + losses) posteriors; retire when P(control - skill > margin) >= this.")
+    margin: float = Field(0.0, ge=0, lt=1, description="The least lift (in success rate) that counts as a difference.")
+    max_skills: int = Field(1000, ge=1, description="Live skills at most; new ones are rejected until some retire.")
+    wave: int = Field(8, ge=1, description="`evolve`: stream tasks played per batched rollout.")
+    seed: int = Field(0, description="Seeds the arm assignment (and the stream order in `evolve`).")
+
+
+class ServeConfig(_Strict):
+    """`evolving-rl serve`: the HTTP service. Every input is bounded; bad input gets a 4xx."""
+
+    host: str = Field("127.0.0.1", description="Listen address. Localhost by default: expose it deliberately.")
+    port: int = Field(8421, ge=0, le=65535, description="0 picks a free port (printed at start).")
+    library: str = Field("runs/serve/skills.sqlite", description="The skill library; the service's whole state.")
+    admin_token_env: str = Field(
+        "EVOLVING_RL_ADMIN_TOKEN", description="Environment variable holding the admin token that library changes "
+        "need (Authorization: Bearer ...); unset, every change is refused.")
+    greedy: bool = Field(True, description="Pick the solver's most likely action (false: rollout.solver sampling).")
+    max_body_bytes: int = Field(262_144, ge=1024, description="Larger request bodies get 413.")
+    max_task_chars: int = Field(2000, ge=10, description="Task description length bound.")
+    max_observation_chars: int = Field(8000, ge=100, description="Observation length bound.")
+    max_admissible: int = Field(256, ge=1, description="Admissible actions per request at most.")
+    max_action_chars: int = Field(300, ge=10, description="Length bound of each admissible action.")
+    max_sessions: int = Field(512, ge=1, description="Live episodes at once; more get 429 until some end.")
+    session_ttl_s: float = Field(3600.0, gt=0, description="An episode idle this long is dropped (not counted).")
+    rate_per_s: float = Field(200.0, gt=0, description="Requests per second per client address (token bucket).")
+    rate_burst: int = Field(400, ge=1, description="Token-bucket size: the burst a client may send at once.")
+    batch_size: int = Field(64, ge=1, description="Most actions decided in one batched policy call.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more actions to join a call.")
+    extract: bool = Field(True, description="Turn ended episodes into skills in the background.")
+    success_score: float = Field(1.0, ge=0, le=1, description="An episode ended with only a score counts as won "
+                                 "when score >= this.")
+
+
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
@@ -261,6 +315,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
+    evolve: EvolveConfig = Field(default_factory=EvolveConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
         given = e.get("input")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key (given {given!r}); check the spelling against `evolving-rl config show`")

@@ -1,0 +1,519 @@
+"""The skill lifecycle of a deployed self-evolving agent: one engine for `evolving-rl serve`,
+`evolving-rl evolve` and the `library` evaluation protocol.
+
+A new skill (extracted from an ended episode, submitted by an admin, or imported) passes the
+audit (unicode, language, repetition, length) and a markup check, then enters **quarantined**.
+For each episode the evolver retrieves the live skills that match the task and assigns an arm
+at random:
+
+- `control` (share `control_share`): no skill. The episode is credited to the control of each
+  skill that could have been chosen, so every skill has its own no-skill comparison on the
+  same kind of task.
+- `trial`: the best-matching quarantined skill (share `trial_share` of the rest).
+- `promoted`: the best-matching promoted skill.
+
+After each outcome the guardrail (`guardrails.decide`) promotes a quarantined skill that beats
+its control with confidence and retires any skill that does worse with confidence. Every
+change (add, merge, promote, retire, restore, rollback, import) is one row of an append-only
+audit log (who, why, the numbers) and one new library **version** holding a full snapshot, so a
+rollback restores any earlier version exactly (as a new version: history is never rewritten).
+
+Everything lives in the skill library's own SQLite file, in tables created here, so one file
+is the deployment's whole state: ended episodes wait in a durable queue there until the
+extractor has turned them into skills (a kill -9 loses nothing; the worker picks them up
+after a restart).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evolving_rl.serve.guardrails import decide, hostile_markup, lift_posterior
+from evolving_rl.skills.library import _COLUMNS, SkillLibrary
+
+STATUSES = ("quarantined", "promoted", "retired")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS skill_lifecycle (
+    skill_id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    uses INTEGER NOT NULL DEFAULT 0,
+    wins REAL NOT NULL DEFAULT 0,
+    ctrl_uses INTEGER NOT NULL DEFAULT 0,
+    ctrl_wins REAL NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS skill_audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    skill_id INTEGER,
+    library_version INTEGER,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TRIGGER IF NOT EXISTS skill_audit_log_no_update BEFORE UPDATE ON skill_audit_log
+BEGIN SELECT RAISE(ABORT, 'skill_audit_log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS skill_audit_log_no_delete BEFORE DELETE ON skill_audit_log
+BEGIN SELECT RAISE(ABORT, 'skill_audit_log is append-only'); END;
+CREATE TABLE IF NOT EXISTS library_versions (
+    version INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    skills INTEGER NOT NULL,
+    snapshot BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS arm_stats (arm TEXT PRIMARY KEY, episodes INTEGER NOT NULL, wins REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS episode_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    done_at REAL
+);
+CREATE INDEX IF NOT EXISTS episode_queue_state ON episode_queue(state, id);
+"""
+
+_LIFE_COLS = "skill_id, status, uses, wins, ctrl_uses, ctrl_wins, reason, updated_at"
+
+
+class SkillRejected(ValueError):
+    """A skill that may not enter the library; the message says why (audit reasons, markup, capacity)."""
+
+
+@dataclass
+class Decision:
+    """Which arm an episode plays, and the skill it uses (None for control or no match)."""
+
+    arm: str  # trial | promoted | control | none (no live skill matches the task)
+    skill_id: int | None = None
+    skill_name: str | None = None
+    status: str | None = None
+    card: str | None = None
+    similarity: float | None = None
+    credited: list[int] = field(default_factory=list)  # control episodes: the skills it is the control of
+
+    def to_dict(self) -> dict:
+        return {"arm": self.arm, "skill_id": self.skill_id, "skill_name": self.skill_name, "status": self.status,
+                "similarity": self.similarity, "credited": list(self.credited)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Decision:
+        return cls(arm=d["arm"], skill_id=d.get("skill_id"), skill_name=d.get("skill_name"), status=d.get("status"),
+                   similarity=d.get("similarity"), credited=list(d.get("credited") or []))
+
+
+class SkillEvolver:
+    """Lifecycle, guardrails, audit log, versions and the episode queue on one SkillLibrary.
+
+    `cfg` is the `evolve:` config section (EvolveConfig); `min_chars`/`max_chars` the audit's
+    length bounds (the `evolving:` section's, so training and deployment audit alike).
+    """
+
+    def __init__(self, library: SkillLibrary | str | Path, cfg, *, min_chars: int = 40, max_chars: int = 4000):
+        self.library = library if isinstance(library, SkillLibrary) else SkillLibrary(library)
+        self.cfg = cfg
+        self.min_chars, self.max_chars = min_chars, max_chars
+        self.rng = random.Random(cfg.seed)
+        with self.library._write() as db:
+            for stmt in _SCHEMA.split(";\n"):
+                if stmt.strip():
+                    db.execute(stmt)
+            self._adopt(db)
+            if db.execute("SELECT COUNT(*) FROM library_versions").fetchone()[0] == 0:
+                self._new_version(db, "system", "initial library")
+
+    # -- storage helpers ------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self.library.path
+
+    def _adopt(self, db) -> None:
+        """Skills without a lifecycle row (a library built by training or an older run, or a
+        crash between storing a skill and its row) start quarantined, or retired if they are."""
+        now = time.time()
+        db.execute(
+            "INSERT INTO skill_lifecycle (skill_id, status, reason, updated_at) "
+            "SELECT id, CASE retired WHEN 1 THEN 'retired' ELSE 'quarantined' END, 'adopted from the library', ? "
+            "FROM skills WHERE id NOT IN (SELECT skill_id FROM skill_lifecycle)", (now,))
+
+    def _snapshot(self, db) -> tuple[bytes, int]:
+        skills = [list(r) for r in db.execute(f"SELECT {_COLUMNS} FROM skills ORDER BY id")]
+        for r in skills:
+            r[4] = r[4].hex()  # the embedding BLOB, exactly
+        life = [list(r) for r in db.execute(f"SELECT {_LIFE_COLS} FROM skill_lifecycle ORDER BY skill_id")]
+        return zlib.compress(json.dumps({"skills": skills, "lifecycle": life}).encode()), len(skills)
+
+    def _new_version(self, db, actor: str, reason: str) -> int:
+        blob, n = self._snapshot(db)
+        cur = db.execute("INSERT INTO library_versions (at, actor, reason, skills, snapshot) VALUES (?, ?, ?, ?, ?)",
+                         (time.time(), actor, reason, n, blob))
+        return int(cur.lastrowid)
+
+    def _log(self, db, actor: str, action: str, skill_id: int | None, version: int | None, reason: str,
+             detail: dict | None = None) -> None:
+        db.execute("INSERT INTO skill_audit_log (at, actor, action, skill_id, library_version, reason, detail) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (time.time(), actor, action, skill_id, version, reason, json.dumps(detail or {})))
+
+    def _change(self, db, actor: str, action: str, skill_id: int | None, reason: str, detail: dict | None = None) -> int:
+        """Every library change: a new version, then its audit-log row naming that version."""
+        v = self._new_version(db, actor, f"{action}{f' skill {skill_id}' if skill_id is not None else ''}: {reason}")
+        self._log(db, actor, action, skill_id, v, reason, detail)
+        return v
+
+    def _life(self, db, skill_id: int) -> dict | None:
+        row = db.execute(f"SELECT {_LIFE_COLS} FROM skill_lifecycle WHERE skill_id=?", (int(skill_id),)).fetchone()
+        return None if row is None else dict(zip(_LIFE_COLS.split(", "), row))
+
+    def _set_status(self, db, skill_id: int, status: str, reason: str) -> None:
+        db.execute("UPDATE skill_lifecycle SET status=?, reason=?, updated_at=? WHERE skill_id=?",
+                   (status, reason, time.time(), skill_id))
+        db.execute("UPDATE skills SET retired=?, retired_reason=?, updated_at=? WHERE id=?",
+                   (int(status == "retired"), reason if status == "retired" else None, time.time(), skill_id))
+
+    # -- admission ------------------------------------------------------------------------
+
+    def check(self, card: str) -> list[str]:
+        """Why a card may not enter (empty when it may): the audit's reasons, then markup."""
+        from evolving_rl.skills.skill import audit
+
+        reasons = [f"audit {d}" for d in audit(card, min_chars=self.min_chars, max_chars=self.max_chars).details]
+        if (bad := hostile_markup(card)) is not None:
+            reasons.append(f"markup: active HTML {bad[:40]!r} is never stored (skills are untrusted text)")
+        return reasons
+
+    def admit(self, skill: Any, card: str, embedding: Any, provenance: dict | None, *, actor: str, reason: str) -> int:
+        """Store a skill quarantined (or merge it into a near-duplicate); returns its id.
+
+        A merge that replaces a skill's card sends it back to quarantine with fresh counts: the
+        numbers measured the old text, not this one."""
+        reasons = self.check(card)
+        if reasons:
+            raise SkillRejected("; ".join(reasons))
+        if len(self.library) >= self.cfg.max_skills:
+            raise SkillRejected(f"the library holds evolve.max_skills={self.cfg.max_skills} live skills; retire some first")
+        before = {r.id: r.card for r in self.library.list(include_retired=False)}
+        sid = self.library.add(skill, card, embedding, provenance or {})
+        with self.library._write() as db:
+            if sid not in before:
+                db.execute(f"INSERT OR REPLACE INTO skill_lifecycle ({_LIFE_COLS}) VALUES (?, 'quarantined', 0, 0, 0, 0, ?, ?)",
+                           (sid, "new: quarantined until it beats its no-skill control", time.time()))
+                self._change(db, actor, "add", sid, reason, {"provenance": provenance or {}})
+            elif before[sid] != self.library.get(sid).card:
+                db.execute("UPDATE skill_lifecycle SET status='quarantined', uses=0, wins=0, ctrl_uses=0, ctrl_wins=0, "
+                           "reason=?, updated_at=? WHERE skill_id=?",
+                           ("merged with a new card: quarantined, measured afresh", time.time(), sid))
+                self._change(db, actor, "merge", sid, reason, {"provenance": provenance or {}, "card_replaced": True})
+            else:
+                self._change(db, actor, "merge", sid, reason, {"provenance": provenance or {}, "card_replaced": False})
+        return sid
+
+    # -- the arms -------------------------------------------------------------------------
+
+    def choose(self, embedding: Any) -> Decision:
+        """The arm and skill for one episode of a task with this description embedding."""
+        cands = [r for r in self.library.retrieve(embedding, self.cfg.candidates)
+                 if r.similarity is not None and r.similarity >= self.cfg.min_similarity]
+        status = self.statuses([r.id for r in cands])
+        q = next((r for r in cands if status.get(r.id) == "quarantined"), None)
+        p = next((r for r in cands if status.get(r.id) == "promoted"), None)
+        if q is None and p is None:
+            return Decision("none")
+        if self.rng.random() < self.cfg.control_share:
+            return Decision("control", credited=[r.id for r in (q, p) if r is not None])
+        if q is not None and (p is None or self.rng.random() < self.cfg.trial_share):
+            pick, arm = q, "trial"
+        elif p is not None:
+            pick, arm = p, "promoted"
+        else:  # pragma: no cover - q or p is set
+            return Decision("none")
+        return Decision(arm, pick.id, pick.name, status[pick.id], pick.card, pick.similarity)
+
+    def statuses(self, ids: list[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        rows = self.library._db.execute(
+            f"SELECT skill_id, status FROM skill_lifecycle WHERE skill_id IN ({','.join('?' * len(ids))})", ids)
+        return {int(i): s for i, s in rows}
+
+    def record(self, decision: Decision, outcome: float, *, actor: str = "guardrail",
+               queue_payload: dict | None = None) -> tuple[list[dict], int | None]:
+        """Count one finished episode (outcome: 1 won, 0 lost, or a score in [0, 1]) and apply
+        the guardrail to the skills it measured. With `queue_payload` the ended episode joins the
+        extraction queue in the same transaction, so an outcome is never counted without its
+        episode being queued or the reverse. Returns the status changes and the queue id."""
+        if not 0.0 <= outcome <= 1.0:
+            raise ValueError(f"outcome: {outcome} is not in [0, 1]")
+        changes: list[dict] = []
+        qid = None
+        with self.library._write() as db:
+            db.execute("INSERT INTO arm_stats VALUES (?, 1, ?) ON CONFLICT(arm) DO UPDATE SET "
+                       "episodes=episodes+1, wins=wins+excluded.wins", (decision.arm, outcome))
+            touched = []
+            if decision.skill_id is not None and self._life(db, decision.skill_id) is not None:
+                db.execute("UPDATE skill_lifecycle SET uses=uses+1, wins=wins+?, updated_at=? WHERE skill_id=?",
+                           (outcome, time.time(), decision.skill_id))
+                db.execute("UPDATE skills SET uses=uses+1, successes=successes+?, updated_at=? WHERE id=?",
+                           (int(outcome >= 1.0), time.time(), decision.skill_id))
+                touched.append(decision.skill_id)
+            for sid in decision.credited:
+                if self._life(db, sid) is not None:
+                    db.execute("UPDATE skill_lifecycle SET ctrl_uses=ctrl_uses+1, ctrl_wins=ctrl_wins+? WHERE skill_id=?",
+                               (outcome, sid))
+                    touched.append(sid)
+            for sid in touched:
+                life = self._life(db, sid)
+                if life["status"] == "retired":
+                    continue
+                verdict, why = decide(life["status"], life["wins"], life["uses"], life["ctrl_wins"], life["ctrl_uses"],
+                                      min_uses=self.cfg.min_uses, confidence=self.cfg.confidence, margin=self.cfg.margin)
+                if verdict is not None:
+                    self._set_status(db, sid, verdict, why)
+                    v = self._change(db, actor, "promote" if verdict == "promoted" else "retire", sid, why,
+                                     {k: life[k] for k in ("uses", "wins", "ctrl_uses", "ctrl_wins")})
+                    changes.append({"skill_id": sid, "status": verdict, "reason": why, "version": v})
+            if queue_payload is not None:
+                cur = db.execute("INSERT INTO episode_queue (created_at, payload) VALUES (?, ?)",
+                                 (time.time(), json.dumps(queue_payload)))
+                qid = int(cur.lastrowid)
+        return changes, qid
+
+    # -- admin ----------------------------------------------------------------------------
+
+    def retire(self, skill_id: int, *, actor: str, reason: str) -> int:
+        with self.library._write() as db:
+            life = self._require(db, skill_id)
+            if life["status"] == "retired":
+                raise ValueError(f"skill {skill_id} is already retired")
+            self._set_status(db, skill_id, "retired", reason)
+            return self._change(db, actor, "retire", skill_id, reason)
+
+    def restore(self, skill_id: int, *, actor: str, reason: str) -> int:
+        """Bring a retired skill back, quarantined: it proves itself again against its control."""
+        with self.library._write() as db:
+            life = self._require(db, skill_id)
+            if life["status"] != "retired":
+                raise ValueError(f"skill {skill_id} is {life['status']}, not retired")
+            self._set_status(db, skill_id, "quarantined", f"restored: {reason}")
+            return self._change(db, actor, "restore", skill_id, reason)
+
+    def _require(self, db, skill_id: int) -> dict:
+        life = self._life(db, skill_id)
+        if life is None:
+            raise KeyError(f"skill {skill_id} is not in the library {self.path}")
+        return life
+
+    def rollback(self, version: int, *, actor: str, reason: str) -> int:
+        """Make the library exactly what it was at `version` (skills, cards, statistics,
+        statuses); recorded as a new version, the audit log kept whole."""
+        with self.library._write() as db:
+            row = db.execute("SELECT snapshot FROM library_versions WHERE version=?", (int(version),)).fetchone()
+            if row is None:
+                raise KeyError(f"library version {version} does not exist")
+            snap = json.loads(zlib.decompress(row[0]))
+            db.execute("DELETE FROM skills")
+            db.execute("DELETE FROM skill_lifecycle")
+            for r in snap["skills"]:
+                r = list(r)
+                r[4] = bytes.fromhex(r[4])
+                db.execute(f"INSERT INTO skills ({_COLUMNS}) VALUES ({', '.join('?' * len(r))})", r)
+            for r in snap["lifecycle"]:
+                db.execute(f"INSERT INTO skill_lifecycle ({_LIFE_COLS}) VALUES ({', '.join('?' * len(r))})", r)
+            return self._change(db, actor, "rollback", None, reason, {"to_version": int(version)})
+
+    def snapshot(self, version: int | None = None) -> dict:
+        """A version's content (the current one by default): skill rows and lifecycle rows."""
+        db = self.library._db
+        if version is None:
+            blob, _ = self._snapshot(db)
+        else:
+            row = db.execute("SELECT snapshot FROM library_versions WHERE version=?", (int(version),)).fetchone()
+            if row is None:
+                raise KeyError(f"library version {version} does not exist")
+            blob = row[0]
+        return json.loads(zlib.decompress(blob))
+
+    def versions(self, limit: int = 100) -> list[dict]:
+        rows = self.library._db.execute(
+            "SELECT version, at, actor, reason, skills FROM library_versions ORDER BY version DESC LIMIT ?", (int(limit),))
+        return [dict(zip(("version", "at", "actor", "reason", "skills"), r)) for r in rows]
+
+    def current_version(self) -> int:
+        return int(self.library._db.execute("SELECT MAX(version) FROM library_versions").fetchone()[0])
+
+    def audit_log(self, skill_id: int | None = None, limit: int = 200) -> list[dict]:
+        where, args = ("WHERE skill_id=?", [int(skill_id)]) if skill_id is not None else ("", [])
+        rows = self.library._db.execute(
+            f"SELECT id, at, actor, action, skill_id, library_version, reason, detail FROM skill_audit_log {where} "
+            f"ORDER BY id DESC LIMIT ?", [*args, int(limit)])
+        keys = ("id", "at", "actor", "action", "skill_id", "library_version", "reason", "detail")
+        return [{**dict(zip(keys, r)), "detail": json.loads(r[7])} for r in rows]
+
+    def skills(self, include_retired: bool = True) -> list[dict]:
+        """Every skill with its lifecycle, counts and measured lift over its control."""
+        recs = {r.id: r for r in self.library.list(include_retired=include_retired)}
+        rows = self.library._db.execute(f"SELECT {_LIFE_COLS} FROM skill_lifecycle ORDER BY skill_id").fetchall()
+        out = []
+        for row in rows:
+            life = dict(zip(_LIFE_COLS.split(", "), row))
+            rec = recs.get(life["skill_id"])
+            if rec is None:
+                continue
+            lift = lift_posterior(life["wins"], life["uses"], life["ctrl_wins"], life["ctrl_uses"], self.cfg.margin)
+            out.append({"id": rec.id, "name": rec.name, "version": rec.version, **{k: life[k] for k in life if k != "skill_id"},
+                        "lift": lift.to_dict(), "source_task_id": rec.provenance.get("source_task_id"),
+                        "created_at": rec.created_at})
+        return out
+
+    def skill(self, skill_id: int) -> dict:
+        rec = self.library.get(skill_id)
+        life = next((s for s in self.skills() if s["id"] == rec.id), None)
+        return {**(life or {}), "card": rec.card, "skill": rec.skill, "provenance": rec.provenance,
+                "merge_history": rec.history}
+
+    def arm_stats(self) -> dict[str, dict]:
+        rows = self.library._db.execute("SELECT arm, episodes, wins FROM arm_stats ORDER BY arm")
+        return {a: {"episodes": n, "wins": w} for a, n, w in rows}
+
+    def counts(self) -> dict[str, int]:
+        rows = self.library._db.execute("SELECT status, COUNT(*) FROM skill_lifecycle GROUP BY status")
+        return {**dict.fromkeys(STATUSES, 0), **dict(rows)}
+
+    # -- export / import ------------------------------------------------------------------
+
+    def export(self, path: str | Path) -> int:
+        """The current library (skills, lifecycle) as one JSON file; returns the skill count."""
+        snap = self.snapshot()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"format": "evolving-rl-skills/1", **snap}))
+        return len(snap["skills"])
+
+    def import_(self, path: str | Path, *, actor: str, reason: str) -> tuple[list[int], list[str]]:
+        """Admit every live skill of an export, each quarantined whatever its status was where it
+        came from (a skill proves itself against this deployment's control). Returns the ids
+        stored and one line per skill rejected."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            skills = data["skills"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a skill export from `evolving-rl evolve --export` ({e})") from None
+        cols = _COLUMNS.split(", ")
+        ids, rejected = [], []
+        for n, r in enumerate(skills, 1):
+            try:
+                d = dict(zip(cols, r))
+                if d["retired"]:
+                    continue
+                emb = np.frombuffer(bytes.fromhex(d["embedding"]), dtype=np.float32)
+                prov = {**json.loads(d["provenance"]), "extra": {"imported_from": str(path.name), "original_id": d["id"]}}
+                ids.append(self.admit(json.loads(d["json"]), d["card"], emb, prov, actor=actor, reason=reason))
+            except SkillRejected as e:
+                rejected.append(f"skill {n}: {e}")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: skill {n} is malformed ({e})") from None
+        return ids, rejected
+
+    # -- the episode queue ----------------------------------------------------------------
+
+    def pending(self, limit: int = 8) -> list[tuple[int, dict]]:
+        rows = self.library._db.execute(
+            "SELECT id, payload FROM episode_queue WHERE state='pending' ORDER BY id LIMIT ?", (int(limit),))
+        return [(int(i), json.loads(p)) for i, p in rows]
+
+    def finish_queued(self, qid: int, result: dict, *, failed: bool = False) -> None:
+        with self.library._write() as db:
+            db.execute("UPDATE episode_queue SET state=?, result=?, done_at=?, attempts=attempts+1 WHERE id=?",
+                       ("failed" if failed else "done", json.dumps(result), time.time(), qid))
+
+    def queue_counts(self) -> dict[str, int]:
+        rows = self.library._db.execute("SELECT state, COUNT(*) FROM episode_queue GROUP BY state")
+        return {"pending": 0, "done": 0, "failed": 0, **dict(rows)}
+
+    def queued(self, qid: int) -> dict:
+        row = self.library._db.execute("SELECT state, attempts, result FROM episode_queue WHERE id=?", (qid,)).fetchone()
+        if row is None:
+            raise KeyError(f"queued episode {qid} does not exist")
+        return {"id": qid, "state": row[0], "attempts": row[1], "result": json.loads(row[2]) if row[2] else None}
+
+    def close(self) -> None:
+        self.library.close()
+
+
+def extract_into(evolver: SkillEvolver, policy, episodes, embeddings, provenances: list[dict], sampling, *,
+                 max_trajectory_chars: int, seed: int | None, actor: str = "extractor") -> list[dict]:
+    """One skill per episode from the extractor, each admitted (or rejected, with the reasons).
+    Engine-failed episodes teach nothing and are skipped."""
+    from evolving_rl.extraction import extract_skills
+
+    keep = [i for i, ep in enumerate(episodes) if not ep.failed]
+    cands = extract_skills(policy, [episodes[i] for i in keep], 1, sampling, min_chars=evolver.min_chars,
+                           max_chars=evolver.max_chars, seed=seed, max_trajectory_chars=max_trajectory_chars)
+    results: list[dict] = [{"skill_id": None, "rejected": ["engine failure: not extracted"]} for _ in episodes]
+    for i, c in zip(keep, cands):
+        if not c.valid:
+            results[i] = {"skill_id": None, "rejected": list(c.reasons)}
+            continue
+        try:
+            sid = evolver.admit(c.skill, c.card, embeddings[i], provenances[i], actor=actor,
+                                reason=f"extracted from {'a won' if episodes[i].won else 'a lost'} episode of "
+                                       f"{episodes[i].task.id}")
+            results[i] = {"skill_id": sid, "rejected": []}
+        except SkillRejected as e:
+            results[i] = {"skill_id": None, "rejected": [str(e)]}
+    return results
+
+
+def evolve_stream(evolver: SkillEvolver, rollout, policy, embedder, tasks, sampling, extract_sampling, *, wave: int,
+                  seed: int, model_name: str, max_trajectory_chars: int, learn: bool = True, progress=None):
+    """Test-time self-evolution over a seeded task stream, on the evolver.
+
+    Waves of `wave` tasks are one batched rollout each; a task sees every skill admitted and
+    every guardrail decision from earlier waves. `learn=False` freezes the library (skill
+    transfer): skills are chosen and counted, nothing is extracted.
+    Returns the episodes in stream order and one log row per episode."""
+    from evolving_rl.rollout import Job
+
+    order = list(range(len(tasks)))
+    random.Random(seed).shuffle(order)
+    stream = [tasks[i] for i in order]
+    vecs = embedder.embed([t.description for t in stream]) if stream else np.zeros((0, 1))
+    episodes, log = [], []
+    for start in range(0, len(stream), wave):
+        chunk = stream[start:start + wave]
+        decisions = [evolver.choose(vecs[start + i]) for i in range(len(chunk))]
+        eps = rollout.run([Job(t, d.card) for t, d in zip(chunk, decisions)], sampling, seed=seed * 43 + start)
+        changes: list[list[dict]] = []
+        for d, ep in zip(decisions, eps):
+            changes.append([] if ep.failed else evolver.record(d, float(ep.won))[0])
+        added: list[dict] = [{"skill_id": None, "rejected": []} for _ in chunk]
+        if learn:
+            provs = [{"source_task_id": t.id, "model": model_name, "stream_position": start + i, "success": bool(ep.won)}
+                     for i, (t, ep) in enumerate(zip(chunk, eps))]
+            added = extract_into(evolver, policy, eps, [vecs[start + i] for i in range(len(chunk))], provs,
+                                 extract_sampling, max_trajectory_chars=max_trajectory_chars, seed=seed * 47 + start)
+        for i, (t, d, ep) in enumerate(zip(chunk, decisions, eps)):
+            episodes.append(ep)
+            log.append({"position": start + i, "task": t.id, "won": ep.won, "failed": ep.failed, **d.to_dict(),
+                        "skills_used": [d.skill_id] if d.skill_id is not None else [],
+                        "skill_added": added[i]["skill_id"], "rejected": added[i]["rejected"],
+                        "status_changes": changes[i]})
+        if progress:
+            progress(min(start + wave, len(stream)), len(stream))
+    return episodes, log
