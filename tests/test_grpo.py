@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from evolving_rl.algorithms.grpo import GRPOUpdater, group_advantages, micro_batches, policy_loss
+from evolving_rl.algorithms.grpo import GRPOUpdater, group_advantages, micro_batches, policy_loss, sample_weights
 from evolving_rl.config import GRPOConfig, RoleConfig
 from evolving_rl.types import Sample, Segment
 
@@ -227,7 +227,10 @@ class ScoringPolicy:
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
-    def score(self, segments: list[Segment], *, with_entropy: bool = False):
+    def parameters(self):
+        return self.model.parameters()
+
+    def score(self, segments: list[Segment], *, with_entropy: bool = False, loss_positions_only: bool = False):
         out = []
         for seg in segments:
             ids = torch.tensor([seg.token_ids])
@@ -317,11 +320,11 @@ def test_micro_batched_update_equals_full_batch(kl, ent):
     assert expected.abs().max() > 1e-4  # a real gradient, not a vacuous comparison
     torch.testing.assert_close(-delta_small, expected, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(-delta_big, expected, atol=1e-6, rtol=1e-4)
-    assert m["num_samples"] == 9
-    assert m["skipped_zero_samples"] == (2 if kl == 0 and ent == 0 else 0)
-    assert m["clip_frac"] > 0
-    assert m["samples/extractor"] == 3 and m["samples/solver"] == 6
-    assert m["trained_tokens"] == 9 + 4 + 20 + 2 + 6 + 5 + 12 + 15 + 30
+    assert m["loss/num_samples"] == 9
+    assert m["loss/skipped_zero_samples"] == (2 if kl == 0 and ent == 0 else 0)
+    assert m["loss/clip_frac"] > 0
+    assert m["loss/extractor/samples"] == 3 and m["loss/solver/samples"] == 6
+    assert m["loss/trained_tokens"] == 9 + 4 + 20 + 2 + 6 + 5 + 12 + 15 + 30
 
 
 def test_role_weight_applied_exactly_once():
@@ -348,10 +351,47 @@ def test_frozen_role_contributes_zero_gradient():
     d_mixed, m = sgd_delta(model, samples, cfg, frozen)
     d_solver_only, _ = sgd_delta(model, [s for s in samples if s.role == "solver"], cfg, frozen)
     torch.testing.assert_close(d_mixed, d_solver_only, atol=1e-7, rtol=1e-5)
-    assert m["num_samples"] == 6
+    assert m["loss/num_samples"] == 6
 
     d_none, m = sgd_delta(model, [s for s in samples if s.role == "extractor"], cfg, frozen)
-    assert torch.count_nonzero(d_none) == 0 and m["optimizer_stepped"] == 0
+    assert torch.count_nonzero(d_none) == 0 and m["loss/optimizer_stepped"] == 0
+
+
+def test_each_episode_counts_once_however_many_turns():
+    """Issue 15, defect 7: in the per-step format an episode is one sample per turn; a plain mean
+    over samples gave a 3-turn episode 3x the weight of a 1-turn one with the same |advantage|."""
+    model = tiny_llama(0)
+    won, lost = make_samples(ScoringPolicy(model), [("solver", "g", 1.0, 5, 6), ("solver", "g", 0.0, 4, 7)])
+    won.episode, lost.episode = "won", "lost"
+    lost_turns = [copy.deepcopy(lost) for _ in range(3)]  # the same turn three times: one episode, 3 samples
+    cfg = GRPOConfig(max_grad_norm=1e9, kl_coef=0.0)
+    assert sample_weights([won, *lost_turns]) == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6])
+
+    once, _ = sgd_delta(model, [won, lost], cfg)
+    thrice, m = sgd_delta(model, [won, *lost_turns], cfg)
+    assert once.abs().max() > 1e-4
+    torch.testing.assert_close(thrice, once, atol=1e-7, rtol=1e-5)  # the episode counts once
+    assert m["loss/num_samples"] == 4 and m["loss/num_episodes"] == 2
+    per_segment, _ = sgd_delta(model, [won, *lost_turns], cfg.model_copy(update={"sample_weighting": "segment"}))
+    assert (per_segment - once).abs().max() > 1e-3 * once.abs().max()  # the documented other option differs
+
+
+def test_metrics_per_role_under_loss_prefix():
+    model, reference = tiny_llama(0), ScoringPolicy(tiny_llama(1))
+    samples = make_samples(ScoringPolicy(model), SPEC, noise=0.3)
+    roles = {"solver": RoleConfig(kl_coef=0.1), "extractor": RoleConfig(adv_weight=0.2, kl_coef=0.1, entropy_coef=-0.03)}
+    _, m = sgd_delta(model, samples, GRPOConfig(max_grad_norm=1e9), roles, reference)
+    assert all(k.startswith("loss/") for k in m), sorted(m)
+    for role in ("solver", "extractor"):
+        for term in ("pg", "kl", "entropy", "approx_kl", "clip_frac", "weight"):
+            assert f"loss/{role}/{term}" in m
+    # 6 solver and 3 extractor episodes of one segment each: the roles hold 6/9 and 3/9 of the weight
+    assert m["loss/solver/weight"] == pytest.approx(6 / 9) and m["loss/extractor/weight"] == pytest.approx(3 / 9)
+    assert m["loss/kl"] == pytest.approx(6 / 9 * m["loss/solver/kl"] + 3 / 9 * m["loss/extractor/kl"])
+    assert m["loss/solver/kl"] > 0 and m["loss/extractor/entropy"] > 0
+    by_hand = sum(m[f"loss/{r}/weight"] * (m[f"loss/{r}/pg"] + 0.1 * m[f"loss/{r}/kl"] - c * m[f"loss/{r}/entropy"])
+                  for r, c in (("solver", 0.0), ("extractor", -0.03)))
+    assert m["loss/total"] == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_accelerator_path_matches_plain_backward():
@@ -389,6 +429,6 @@ def test_one_update_raises_logprob_of_positive_advantage_sequences():
     before = seq_logp()
     m = up.update(samples)
     after = seq_logp()
-    assert m["optimizer_stepped"] == 1 and m["grad_norm"] > 0
+    assert m["loss/optimizer_stepped"] == 1 and m["loss/grad_norm"] > 0
     for s, b, a in zip(samples, before, after):
         assert (a > b) if s.advantage > 0 else (a < b), (s.reward, b, a)

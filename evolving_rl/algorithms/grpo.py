@@ -12,16 +12,20 @@ The loss, per sample i with generated tokens t (loss_mask = 1):
     pg_t     = max(-A_i * ratio_t, -A_i * clip(ratio_t, 1 - eps_low, 1 + eps_high))
     kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1         # k3 estimator of KL(pi || pi_ref)
     loss_i   = token_mean_t(pg_t + kl_coef_i * kl_t - entropy_coef_i * H_t)
-    loss     = mean_i(loss_i)
+    loss     = sum_i w_i * loss_i,   w_i = 1 / (E * n_e(i))
 
 so `entropy_coef > 0` rewards entropy and a negative one (the paper's ALFWorld extractor,
--0.03) penalises it. The token mean is taken per sample, then over samples, as in the paper:
-a long trajectory does not outweigh a short one.
+-0.03) penalises it. The token mean is taken per sample (a segment), so a long reply does
+not outweigh a short one. A sample's weight w_i splits its episode's 1/E (E episodes in the
+loss) over that episode's n_e segments: in the per-step format an episode is one segment per
+turn, and a plain mean over samples would weight a 50-turn episode 10x a 5-turn one
+(`grpo.sample_weighting: segment` keeps that plain mean, w_i = 1 / number of samples). In the
+multi-turn format an episode is one segment (or a few, when its context overflowed), so the
+two agree.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 
 from evolving_rl.config import GRPOConfig, RoleConfig
+from evolving_rl.policy.base import Policy
 from evolving_rl.types import Sample, Segment
 
 # --------------------------------------------------------------------------------------
@@ -135,19 +140,55 @@ def policy_loss(
     kl_coef: float | torch.Tensor,
     entropy: torch.Tensor | None = None,
     entropy_coef: float | torch.Tensor = 0.0,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss of the module docstring on [B, T] tensors, and its diagnostics.
 
     `advantages`, `kl_coef` and `entropy_coef` are per sample ([B]) or scalars; role
     weights must already be folded into `advantages`. `ref_logp` may be None only when
     every kl_coef is 0. Masked positions (prompt, observations, padding) contribute nothing.
+    `sample_weight` ([B]) is each sample's w_i; without it the loss is the plain mean over
+    samples.
 
-    Metrics: `pg_loss`, `kl_ref`, `entropy` use the same per-sample token mean as the loss;
-    `approx_kl` (k3 estimator of KL(pi_old || pi), `(ratio - 1) - log ratio`, CleanRL's choice)
-    and the clip fractions are shares over all generated tokens of the batch.
-    `clip_frac_high`: tokens with A > 0 and ratio > 1 + eps_high; `clip_frac_low`: A < 0 and
-    ratio < 1 - eps_low; i.e. where the clipped term wins and the token's gradient is zero.
-    `tokens` and `samples` let a caller combine micro-batch metrics exactly.
+    Metrics: `pg_loss`, `kl_ref`, `entropy` are weighted the same way as the loss (per-sample
+    token means, then the weighted mean); `approx_kl` (k3 estimator of KL(pi_old || pi),
+    `(ratio - 1) - log ratio`, CleanRL's choice) and the clip fractions are shares over all
+    generated tokens of the batch. `clip_frac_high`: tokens with A > 0 and ratio > 1 + eps_high;
+    `clip_frac_low`: A < 0 and ratio < 1 - eps_low; i.e. where the clipped term wins and the
+    token's gradient is zero.
+    """
+    terms = per_sample_terms(logp, old_logp, ref_logp, mask, advantages, clip_low, clip_high, kl_coef,
+                             entropy, entropy_coef)
+    w = terms["loss"].new_full(terms["loss"].shape, 1.0 / logp.shape[0]) if sample_weight is None else sample_weight
+    loss = (w * terms["loss"]).sum()
+    with torch.no_grad():
+        total_w = w.sum().clamp(min=1e-30)
+        n_tokens = terms["tokens"].sum()
+        metrics = {k: float((w * terms[k]).sum() / total_w) for k in ("pg_loss", "kl_ref", "entropy")}
+        metrics["loss"] = loss.item()
+        for k in ("approx_kl", "clip_frac_low", "clip_frac_high"):
+            metrics[k] = float(terms[k + "_tokens"].sum() / n_tokens.clamp(min=1.0))
+        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+        metrics["tokens"], metrics["samples"] = float(n_tokens), float(logp.shape[0])
+    return loss, metrics
+
+
+def per_sample_terms(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    kl_coef: float | torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float | torch.Tensor = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Each sample's loss_i (differentiable) and its parts, as [B] tensors.
+
+    `pg_loss`, `kl_ref`, `entropy`: token means; `*_tokens`: token counts or sums (the clipped
+    tokens, the approx-KL sum) so a caller can form shares over any set of samples.
     """
     if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
         raise ValueError(
@@ -192,33 +233,27 @@ def policy_loss(
     elif bool((entropy_coef != 0).any()):
         raise ValueError("policy_loss: entropy_coef is non-zero but no entropy was given")
 
-    loss = token_mean_per_sample(per_token).mean()
-
+    terms = {"loss": token_mean_per_sample(per_token)}
     with torch.no_grad():
-        n_tokens = mask.sum().clamp(min=1.0)
-        clipped_high = masked(((ratio > 1.0 + clip_high) & (A > 0)).to(mask.dtype))
-        clipped_low = masked(((ratio < 1.0 - clip_low) & (A < 0)).to(mask.dtype))
-        metrics = {
-            "loss": loss.item(),
-            "pg_loss": token_mean_per_sample(pg).mean().item(),
-            "kl_ref": token_mean_per_sample(kl_ref).mean().item(),
-            "entropy": token_mean_per_sample(entropy).mean().item() if entropy is not None else 0.0,
-            "approx_kl": masked((ratio - 1.0) - log_ratio).sum().div(n_tokens).item(),
-            "clip_frac_low": (clipped_low.sum() / n_tokens).item(),
-            "clip_frac_high": (clipped_high.sum() / n_tokens).item(),
-            "tokens": mask.sum().item(),
-            "samples": float(logp.shape[0]),
-        }
-        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
-    return loss, metrics
+        terms["pg_loss"] = token_mean_per_sample(pg)
+        terms["kl_ref"] = token_mean_per_sample(kl_ref)
+        terms["entropy"] = token_mean_per_sample(entropy) if entropy is not None else torch.zeros_like(terms["pg_loss"])
+        terms["tokens"] = mask.sum(dim=1)
+        terms["approx_kl_tokens"] = masked((ratio - 1.0) - log_ratio).sum(dim=1)
+        terms["clip_frac_high_tokens"] = masked(((ratio > 1.0 + clip_high) & (A > 0)).to(mask.dtype)).sum(dim=1)
+        terms["clip_frac_low_tokens"] = masked(((ratio < 1.0 - clip_low) & (A < 0)).to(mask.dtype)).sum(dim=1)
+    return terms
 
 
 # --------------------------------------------------------------------------------------
 # 3. One optimizer step over all samples
 # --------------------------------------------------------------------------------------
 
-_SAMPLE_MEAN_METRICS = ("loss", "pg_loss", "kl_ref", "entropy")
-_TOKEN_SHARE_METRICS = ("approx_kl", "clip_frac", "clip_frac_low", "clip_frac_high")
+_SAMPLE_MEAN_TERMS = ("pg_loss", "kl_ref", "entropy")  # weighted like the loss
+_TOKEN_SHARE_TERMS = ("approx_kl", "clip_frac_low", "clip_frac_high")  # shares of generated tokens
+# The names these take under `loss/` (CleanRL's losses/ namespace) and per role `loss/<role>/`.
+_METRIC_NAMES = {"pg_loss": "pg", "kl_ref": "kl", "entropy": "entropy", "approx_kl": "approx_kl",
+                 "clip_frac_low": "clip_frac_low", "clip_frac_high": "clip_frac_high"}
 
 
 @dataclass
@@ -241,7 +276,7 @@ def micro_batches(lengths: list[int], budget_tokens: int) -> list[list[int]]:
 
     Longest first, so similar lengths share a chunk and little compute goes to padding. A
     sequence longer than the budget gets a chunk of its own. The split cannot change the
-    update: the loss of each chunk is normalised by the whole batch's sample count.
+    update: each sample carries its weight in the whole batch's loss.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     chunks: list[list[int]] = []
@@ -253,20 +288,40 @@ def micro_batches(lengths: list[int], budget_tokens: int) -> list[list[int]]:
     return chunks
 
 
-def _parameters(policy: Any) -> list[torch.nn.Parameter]:
-    """The policy's trainable weights: `policy.parameters()` or its `model`'s."""
-    source = policy if hasattr(policy, "parameters") else getattr(policy, "model", None)
-    if source is None or not hasattr(source, "parameters"):
-        raise TypeError(
-            f"{type(policy).__name__} exposes neither parameters() nor a `model` module; "
-            "GRPOUpdater needs one to build the optimizer"
+def sample_weights(samples: list[Sample], mode: str = "episode") -> list[float]:
+    """Each sample's w_i in the loss (module docstring); they sum to 1.
+
+    "episode": the samples of one episode (`_episode_key`) share 1 / (number of episodes), so an
+    episode counts once however many segments it produced. "segment": 1 / (number of samples).
+    """
+    if not samples:
+        return []
+    if mode == "segment":
+        return [1.0 / len(samples)] * len(samples)
+    if mode != "episode":
+        raise ValueError(f"grpo.sample_weighting: unknown mode {mode!r}; allowed: episode, segment")
+    per_episode = Counter(_episode_key(s) for s in samples)
+    return [1.0 / (len(per_episode) * per_episode[_episode_key(s)]) for s in samples]
+
+
+def _trainable_parameters(policy: Any) -> list[torch.nn.Parameter]:
+    """The policy's trainable weights, refused when they are not float32.
+
+    AdamW's step is ~lr per weight; at the paper's lr 1e-6 that is below half a bf16 ulp for
+    any weight above ~2e-4, so bf16 (or fp16) weights stepped directly barely move (measured
+    on the issue's 7B run: 1.9% of weights changed after 3 steps, 99.98% in float32).
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]
+    low = Counter(str(p.dtype).removeprefix("torch.") for p in params if p.dtype != torch.float32)
+    if low:
+        kinds = ", ".join(f"{n} in {d}" for d, n in low.items())
+        raise ValueError(
+            f"model.dtype: the trainable weights are low precision ({kinds} tensors): an optimizer step of "
+            "~lr 1e-6 rounds away in them, so the model would not learn. Set model.dtype: float32 with "
+            "model.autocast: bfloat16 (float32 master weights, bf16 compute), or model.lora.enabled: true "
+            "(the adapters are float32)"
         )
-    return [p for p in source.parameters() if p.requires_grad]
-
-
-def _fast_score_kwargs(policy: Any) -> dict[str, bool]:
-    accepts = inspect.signature(policy.score).parameters
-    return {"loss_positions_only": True} if "loss_positions_only" in accepts else {}
+    return params
 
 
 class GRPOUpdater:
@@ -279,6 +334,9 @@ class GRPOUpdater:
     solver's update exactly as if only solver samples had been collected. Without `roles`
     every sample uses `cfg.kl_coef` / `cfg.entropy_coef` and weight 1 (plain GRPO).
 
+    It uses only the `Policy` protocol: `parameters()` for the optimizer and `score()` (with
+    `loss_positions_only`, since only generated tokens enter the loss).
+
     With an `accelerate.Accelerator`, backward and gradient clipping go through it. Our own
     micro-batching does the accumulation, so the accelerator's gradient_accumulation_steps
     must be 1. Under data parallelism each process's loss is its own samples' mean; the
@@ -288,8 +346,8 @@ class GRPOUpdater:
 
     def __init__(
         self,
-        policy: Any,
-        reference_policy: Any | None,
+        policy: Policy,
+        reference_policy: Policy | None,
         cfg: GRPOConfig,
         roles: dict[str, RoleConfig] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
@@ -305,11 +363,7 @@ class GRPOUpdater:
                 "GRPOUpdater accumulates micro-batches itself; create the Accelerator with "
                 f"gradient_accumulation_steps=1 (got {accelerator.gradient_accumulation_steps})"
             )
-        self.params = _parameters(policy)
-        # HFPolicy can skip the output layer where loss_mask == 0 (the vocab projection
-        # dominates a small model's cost); any other Policy gets the protocol call.
-        self._score_kwargs = _fast_score_kwargs(policy)
-        self._ref_score_kwargs = _fast_score_kwargs(reference_policy) if reference_policy is not None else {}
+        self.params = _trainable_parameters(policy)
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if reference_policy is None and self._any_kl():
             raise ValueError("GRPOUpdater: kl_coef > 0 (config or a role) needs a reference_policy")
@@ -328,53 +382,67 @@ class GRPOUpdater:
         return _Coefficients(r.adv_weight, r.kl_coef, r.entropy_coef, r.train)
 
     def update(self, samples: list[Sample], *, compute_advantages: bool = True) -> dict[str, float]:
-        """One optimizer step over `samples`; returns the step's metrics.
+        """One optimizer step over `samples`; returns the step's metrics, all under `loss/`.
+
+        Keys: `loss/total` (the loss), `loss/pg`, `loss/kl` (k3 KL to the reference),
+        `loss/entropy` (weighted like the loss), `loss/approx_kl`, `loss/clip_frac` (+ `_low`,
+        `_high`; shares of generated tokens), the same per role as `loss/<role>/<term>` plus
+        `loss/<role>/weight` (the role's share of the loss weight) and `loss/<role>/samples`;
+        `loss/grad_norm`, `loss/optimizer_stepped`, `loss/num_samples`, `loss/num_episodes`,
+        `loss/trained_tokens`, `loss/skipped_zero_samples`; and, when advantages are computed
+        here, `loss/reward_mean`, `loss/reward_std`, `loss/num_groups`,
+        `loss/zero_adv_group_share`, `loss/dropped_samples` (over the mixed samples of every role).
 
         With `compute_advantages` (default) the group advantages are (re)computed from the
         rewards here; pass False when the caller has set `Sample.advantage` itself. Samples
         whose advantage, kl_coef and entropy_coef are all 0 have an exactly zero loss and
-        gradient: they count in the sample mean but are not run through the model.
+        gradient: they keep their weight but are not run through the model.
         """
         cfg = self.cfg
         metrics: dict[str, float] = {}
         if compute_advantages:
             samples, adv_stats = group_advantages(samples, cfg.adv_eps, cfg.drop_zero_advantage_groups)
-            metrics.update(adv_stats)
+            metrics.update({f"loss/{k}": v for k, v in adv_stats.items()})
         for role, count in sorted(Counter(s.role for s in samples).items()):
-            metrics[f"samples/{role}"] = float(count)
+            metrics[f"loss/{role}/samples"] = float(count)
 
-        # Which samples are in the loss, with which coefficients.
+        # Which samples are in the loss, with which coefficients and weights.
         trained: list[tuple[Sample, _Coefficients]] = []
         for s in samples:
             c = self.coefficients(s.role)
             if c.train and s.segment.num_generated > 0:
                 trained.append((s, c))
-        num_samples = len(trained)  # the denominator of the mean over samples
-        metrics["num_samples"] = float(num_samples)
-        metrics["trained_tokens"] = float(sum(s.segment.num_generated for s, _ in trained))
+        weights = sample_weights([s for s, _ in trained], cfg.sample_weighting)
+        metrics["loss/num_samples"] = float(len(trained))
+        metrics["loss/num_episodes"] = float(len({_episode_key(s) for s, _ in trained}))
+        metrics["loss/trained_tokens"] = float(sum(s.segment.num_generated for s, _ in trained))
         active = [
-            (s, c) for s, c in trained if not (s.advantage * c.adv_weight == 0 and c.kl_coef == 0 and c.entropy_coef == 0)
+            (s, c, w) for (s, c), w in zip(trained, weights)
+            if not (s.advantage * c.adv_weight == 0 and c.kl_coef == 0 and c.entropy_coef == 0)
         ]
-        metrics["skipped_zero_samples"] = float(num_samples - len(active))
+        metrics["loss/skipped_zero_samples"] = float(len(trained) - len(active))
 
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = defaultdict(float)
-        active_samples = active_tokens = 0.0
-        for chunk in micro_batches([len(s.segment.token_ids) for s, _ in active], cfg.micro_batch_tokens):
+        # Per role: weighted sums of the sample-mean terms, sums of the token-share terms.
+        sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        total = 0.0
+        for chunk in micro_batches([len(s.segment.token_ids) for s, _, _ in active], cfg.micro_batch_tokens):
             batch = [active[i] for i in chunk]
-            loss, m = self._micro_batch_loss(batch)
-            # loss is this chunk's mean over its samples; rescale to its share of the batch mean.
-            scaled = loss * (len(batch) / num_samples)
+            terms = self._micro_batch_terms(batch)
+            w = torch.tensor([w for _, _, w in batch], dtype=terms["loss"].dtype, device=terms["loss"].device)
+            loss = (w * terms["loss"]).sum()  # this chunk's share of the batch loss
             if self.accelerator is not None:
-                self.accelerator.backward(scaled)
+                self.accelerator.backward(loss)
             else:
-                scaled.backward()
-            for k in _SAMPLE_MEAN_METRICS:
-                sums[k] += m[k] * m["samples"]
-            for k in _TOKEN_SHARE_METRICS:
-                sums[k] += m[k] * m["tokens"]
-            active_samples += m["samples"]
-            active_tokens += m["tokens"]
+                loss.backward()
+            total += loss.item()
+            for b, (s, _, wb) in enumerate(batch):
+                acc = sums[s.role]
+                for k in _SAMPLE_MEAN_TERMS:
+                    acc[k] += wb * float(terms[k][b])
+                for k in _TOKEN_SHARE_TERMS:
+                    acc[k + "_tokens"] += float(terms[k + "_tokens"][b])
+                acc["tokens"] += float(terms["tokens"][b])
 
         if active:
             if self.accelerator is not None:
@@ -382,23 +450,33 @@ class GRPOUpdater:
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["loss/grad_norm"] = float(grad_norm)
         else:
-            metrics["grad_norm"] = 0.0  # nothing to learn from: no step, optimizer state unchanged
+            metrics["loss/grad_norm"] = 0.0  # nothing to learn from: no step, optimizer state unchanged
         self.optimizer.zero_grad(set_to_none=True)
+        metrics["loss/optimizer_stepped"] = float(bool(active))
+        metrics["loss/total"] = total
 
-        # Skipped samples have loss 0 exactly, so sample means divide by all trained samples.
-        for k in _SAMPLE_MEAN_METRICS:
-            metrics[k] = sums[k] / num_samples if num_samples else 0.0
-        for k in _TOKEN_SHARE_METRICS:
-            metrics[k] = sums[k] / active_tokens if active_tokens else 0.0
-        metrics["optimizer_stepped"] = float(bool(active))
+        # Skipped samples have loss 0 exactly, so they count in the weights with zero terms.
+        role_weight: dict[str, float] = defaultdict(float)
+        for (s, _), w in zip(trained, weights):
+            role_weight[s.role] += w
+        for prefix, roles in [("loss/", sorted(role_weight))] + [(f"loss/{r}/", [r]) for r in sorted(role_weight)]:
+            weight = sum(role_weight[r] for r in roles)
+            tokens = sum(sums[r]["tokens"] for r in roles)
+            for k in _SAMPLE_MEAN_TERMS:
+                metrics[prefix + _METRIC_NAMES[k]] = sum(sums[r][k] for r in roles) / weight if weight else 0.0
+            for k in _TOKEN_SHARE_TERMS:
+                metrics[prefix + _METRIC_NAMES[k]] = sum(sums[r][k + "_tokens"] for r in roles) / tokens if tokens else 0.0
+            metrics[prefix + "clip_frac"] = metrics[prefix + "clip_frac_low"] + metrics[prefix + "clip_frac_high"]
+            if prefix != "loss/":
+                metrics[prefix + "weight"] = weight
         return metrics
 
-    def _micro_batch_loss(self, batch: list[tuple[Sample, _Coefficients]]) -> tuple[torch.Tensor, dict[str, float]]:
-        segments: list[Segment] = [s.segment for s, _ in batch]
-        need_entropy = any(c.entropy_coef != 0 for _, c in batch)
-        scored = self.policy.score(segments, with_entropy=True, **self._score_kwargs)
+    def _micro_batch_terms(self, batch: list[tuple[Sample, _Coefficients, float]]) -> dict[str, torch.Tensor]:
+        segments: list[Segment] = [s.segment for s, _, _ in batch]
+        need_entropy = any(c.entropy_coef != 0 for _, c, _ in batch)
+        scored = self.policy.score(segments, with_entropy=True, loss_positions_only=True)
         logp = _pad([lp for lp, _ in scored])
         if need_entropy and any(h is None for _, h in scored):
             raise ValueError(f"{type(self.policy).__name__}.score returned no entropy with with_entropy=True")
@@ -414,14 +492,15 @@ class GRPOUpdater:
         if logp.shape != mask.shape:
             raise ValueError(f"score returned {tuple(logp.shape)} log-probs for segments padded to {tuple(mask.shape)}")
 
-        kl_coef = row([c.kl_coef for _, c in batch])
+        kl_coef = row([c.kl_coef for _, c, _ in batch])
         ref_logp = None
         if bool((kl_coef != 0).any()):
             with torch.no_grad():
-                ref_logp = _pad([lp for lp, _ in self.reference_policy.score(segments, **self._ref_score_kwargs)])
+                ref = self.reference_policy.score(segments, loss_positions_only=True)
+                ref_logp = _pad([lp for lp, _ in ref])
 
-        advantages = row([s.advantage * c.adv_weight for s, c in batch])  # the role weight, once
-        return policy_loss(
+        advantages = row([s.advantage * c.adv_weight for s, c, _ in batch])  # the role weight, once
+        return per_sample_terms(
             logp,
             old_logp,
             ref_logp,
@@ -431,5 +510,5 @@ class GRPOUpdater:
             self.cfg.clip_high,
             kl_coef,
             entropy=entropy,
-            entropy_coef=row([c.entropy_coef for _, c in batch]),
+            entropy_coef=row([c.entropy_coef for _, c, _ in batch]),
         )

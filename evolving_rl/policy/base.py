@@ -1,5 +1,10 @@
-"""The policy contract: batched generation that returns the sampled ids and their log-probs,
-and re-scoring of given ids under the current weights.
+"""The policy contract: everything the rollout engine and the GRPO updater need from a model.
+
+Batched generation that returns the sampled ids and their log-probs, re-scoring of given ids
+under the current weights, the chat boundaries of a multi-turn episode, the context size,
+the trainable weights, a frozen reference and saving. The rollout and the updater reach no
+further than this, so another backend (vLLM for generation, a served model for evaluation)
+plugs in without touching either.
 
 Keeping the sampled ids (never re-tokenising generated text) makes the trained tokens
 exactly the generated ones, and lets a test check that sampling-time log-probs equal a
@@ -8,7 +13,9 @@ fresh forward pass on the same ids (SPEC, Update).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -31,9 +38,20 @@ class Generation:
 class Policy(Protocol):
     eos_token_id: int
     pad_token_id: int
+    # The longest sequence the model was built for (max_position_embeddings): the rollout
+    # refuses a prompt cap above it and keeps prompt + reply within it.
+    max_context_tokens: int
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids for chat messages, with the tokenizer's chat template when it has one."""
+        ...
+
+    def encode_next_turn(self, messages: list[dict[str, str]]) -> list[int]:
+        """Multi-turn episodes: the ids that close the assistant turn just generated, then
+        `messages` (the env's reply), then the prompt of the next assistant turn.
+
+        Appended after the sampled ids, never re-tokenising them, so the episode's one
+        sequence holds exactly the tokens that were generated."""
         ...
 
     def encode_text(self, text: str) -> list[int]:
@@ -62,12 +80,26 @@ class Policy(Protocol):
         ...
 
     def score(
-        self, segments: list[Segment], *, with_entropy: bool = False
+        self, segments: list[Segment], *, with_entropy: bool = False, loss_positions_only: bool = False
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Per-token log-probs (and entropies) of each segment's ids under the current weights.
 
         Position i holds log p(ids[i] | ids[:i]); position 0 holds 0. Differentiable when
-        grad is enabled. Segments with `allowed` set are scored under the same trie mask
-        used when they were sampled.
+        grad is enabled. Segments with `allowed` set are scored under the same trie masks
+        used when they were sampled. With `loss_positions_only`, positions where
+        loss_mask == 0 may hold 0 instead of their log-prob (what GRPO needs; a backend may
+        skip the output layer there).
         """
+        ...
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]:
+        """The weights an optimizer steps (LoRA: the adapters only)."""
+        ...
+
+    def reference(self) -> Policy:
+        """A frozen copy of the current policy, for the KL term (scores only)."""
+        ...
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the policy where the same backend (or any tool for its format) loads it."""
         ...

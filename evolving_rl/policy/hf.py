@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,12 @@ class HFPolicy:
             raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there; expected a Hugging Face model directory")
         self.cfg = cfg
         self.device = torch.device(device)
-        # bf16 autocast on CPUs with avx512_bf16 is 1.5-2x faster (SPEC); log-probs then agree
-        # between sampling and scoring only to bf16 precision, so it is off by default.
+        # Mixed precision: the weights keep `cfg.dtype` (float32 for training, so small updates
+        # are not rounded away) while forward passes compute in the autocast dtype. On CPUs
+        # with avx512_bf16 bf16 is also 1.5-2x faster (SPEC). Log-probs then agree between
+        # sampling and scoring only to bf16 precision, so the tiny configs leave it off.
+        if autocast_dtype is None and cfg.autocast != "none":
+            autocast_dtype = _DTYPES[cfg.autocast]
         self.autocast_dtype = autocast_dtype
         # Drop finished rows from the batch (and the KV cache) once this share of it is done.
         self.compact_fraction = compact_fraction
@@ -137,6 +142,7 @@ class HFPolicy:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = int(pad if pad is not None else eos)
         self.vocab_size: int = int(self._base_model().get_output_embeddings().weight.shape[0])
+        self.max_context_tokens: int = int(getattr(self._base_model().config, "max_position_embeddings", None) or 1 << 30)
         # transformers 5.x renamed the KV-cache argument; older versions only know the old name.
         params = inspect.signature(self._base_model().forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -155,6 +161,22 @@ class HFPolicy:
         if add_generation_prompt:
             text += "assistant: "
         return self.encode_text(text)
+
+    def encode_next_turn(self, messages: list[dict[str, str]]) -> list[int]:
+        """The template's text after an assistant reply, rendered around a sentinel reply so
+        any model's template works and the sampled ids before it are never re-tokenised."""
+        sentinel = "\x00SENTINEL\x00"
+        msgs = [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": sentinel},
+            *messages,
+        ]
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:  # the fallback format of `encode_chat`
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant: "
+        return self.encode_text(text.split(sentinel, 1)[1])
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -458,6 +480,10 @@ class HFPolicy:
             results[i] = (lp, e)
 
     # ---- training helpers ---------------------------------------------------------------
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The trainable weights (LoRA: the adapters; peft keeps them in float32)."""
+        return (p for p in self.model.parameters() if p.requires_grad)
 
     def reference(self) -> HFPolicy:
         """A frozen policy for the KL term.
