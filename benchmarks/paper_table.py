@@ -56,11 +56,12 @@ BUDGETS: dict[str, dict] = {
     },
     "paper": {
         "about": "the paper's ALFWorld settings for a GPU machine (Qwen2.5-7B-Instruct): 150 steps, B=16 N=8 K=4, "
-                 "GRPO group 8, 3 eval repeats on the full splits",
+                 "GRPO group 8, 3 sampled eval repeats on the full splits",
         "config": CONFIGS / "evolving_qwen2.5-7b.yaml",
         "games": None,
         "overrides": ["train.steps=150", "train.eval_every=10", "evolving.sources_per_step=16", "evolving.num_skills=8",
-                      "evolving.num_downstream=4", "grpo.group_size=8", "eval.repeats=3", "eval.max_tasks=null"],
+                      "evolving.num_downstream=4", "grpo.group_size=8", "eval.greedy=false", "eval.repeats=3",
+                      "eval.max_tasks=null"],
     },
 }
 METHODS: dict[str, list[str]] = {
@@ -98,15 +99,15 @@ def read_cells(run_dir: Path) -> dict[str, dict]:
             for r in data["results"]}
 
 
-CURVES = {"reward_mean": "mean reward of the step's samples", "downstream_success": "downstream episodes won",
-          "parse_rate": "extractor outputs that parse"}
+CURVES = {"solver/success": "training episodes won (GRPO: all; Evolving-RL: downstream)",
+          "extractor/parse_rate": "extractor outputs that parse"}
 
 
 def train_record(run_dir: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in rows if r.get("kind") == "train"]
-    return {"steps": len(train), "episodes": sum(r.get("episodes", 0) for r in train),
-            "train_s": sum(r.get("time_collect_s", 0) + r.get("time_update_s", 0) for r in train),
+    return {"steps": len(train), "episodes": sum(r.get("rollout/episodes", 0) for r in train),
+            "train_s": sum(r.get("time/collect_s", 0) + r.get("time/update_s", 0) for r in train),
             **{k: [r.get(k) for r in train] for k in CURVES}}
 
 
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = train_record(run_dir)
                 timing[name]["train_s"] += rec["train_s"]
                 timing[name]["episodes"] += rec["episodes"]
-                timing[name].setdefault("reward_curves", []).append(rec["reward_mean"])  # per seed, per step
+                timing[name].setdefault("reward_curves", []).append(rec["solver/success"])  # per seed, per step
                 if seed == 0:
                     curves[name] = rec
             timing[name]["wall_s"] += info.get("wall_s", 0.0)

@@ -117,7 +117,7 @@ def measure_step(trainer, algorithm, step: int, label: str) -> dict:
     solver_calls = [c for c in rec.calls if c["role"] == "solver"]
     out = {
         "label": label, "collect_s": t1 - t0, "update_s": t2 - t1, "step_s": t2 - t0,
-        "episodes": info.get("episodes", 0), "info": {k: v for k, v in info.items() if isinstance(v, (int, float))},
+        "episodes": info.get("rollout/episodes", 0), "info": {k: v for k, v in info.items() if isinstance(v, (int, float))},
         "rollout": rollout_delta(before, trainer.rollout.stats),
         "env_steps": sum(c["batch"] for c in solver_calls),
         "solver_calls": len(solver_calls),
@@ -330,14 +330,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, work: Path, report: dict, skip: set[str], sweep: list[tuple[int, int]], env_steps: int) -> None:
-    from evolving_rl.train import GRPOStep, Trainer
+    from evolving_rl.algorithms.grpo_step import GRPOStep
+    from evolving_rl.train import Trainer
 
     trainer = Trainer(cfg)  # one trainer: the GRPO step reuses its policy, pool and optimizer
     try:
         step = 0
         if "steps" not in skip or "decode" not in skip or "train" not in skip:
             evo = measure_step(trainer, trainer.algorithm, step, "Evolving-RL")
-            grpo = measure_step(trainer, GRPOStep(trainer), step + 1, "GRPO")
+            grpo = measure_step(trainer, GRPOStep(trainer.cfg, trainer.rollout, trainer.cursor), step + 1, "GRPO")
             step += 2
             print_steps(evo, grpo, report, trainer.algorithm.index_build_s)
             if "decode" not in skip:
@@ -383,7 +384,7 @@ def print_steps(evo: dict, grpo: dict, report: dict, index_build_s: float) -> No
     rows = []
     for m in (evo, grpo):
         info = m["info"]
-        cols = [info.get(f"time_{s}_s", m["collect_s"] if (s == "downstream" and m is grpo) else 0.0) for s in stages]
+        cols = [info.get(f"time/{s}_s", m["collect_s"] if (s == "downstream" and m is grpo) else 0.0) for s in stages]
         rows.append([m["label"], m["episodes"], m["env_steps"], *[round(c, 2) for c in cols], round(m["update_s"], 2),
                      round(m["step_s"], 2)])
     say("\n" + table(["step", "episodes", "env steps", *[f"{s} s" for s in stages], "update s", "total s"], rows,
@@ -414,7 +415,7 @@ def run_sweep(trainer, sweep: list[tuple[int, int]], step: int) -> dict:
             step += 1
             points.append({"N": n, "K": k, "episodes": m["episodes"], "env_steps": m["env_steps"],
                            "step_s": m["step_s"], "update_s": m["update_s"],
-                           **{s: m["info"].get(f"time_{s}_s", 0.0) for s in ("source", "extract", "retrieve", "downstream")}})
+                           **{s: m["info"].get(f"time/{s}_s", 0.0) for s in ("source", "extract", "retrieve", "downstream")}})
     finally:
         ev.num_skills, ev.num_downstream = saved
     fit = fit_linear([p["episodes"] for p in points], [p["step_s"] for p in points])

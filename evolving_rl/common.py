@@ -7,6 +7,7 @@ Only `config` and `types` sit below this module.
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -83,3 +84,27 @@ def prompt_mismatch(cfg, model_path: str) -> str | None:
         if was is not None and was != now:
             diff.append(f"{name}: cloned with {was!r}, this run {now!r}")
     return f"{model_path} was cloned on other prompts ({'; '.join(diff)})" if diff else None
+
+
+def snapshot_sqlite(src: str | Path, dst: str | Path) -> None:
+    """Copy a SQLite file with SQLite's backup API: consistent even in WAL mode (a plain file
+    copy can miss committed pages still in the -wal file). `dst` is replaced whole."""
+    import sqlite3
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(f"file:{Path(src)}?mode=ro", uri=True) as s, sqlite3.connect(dst) as d:
+        s.backup(d)
+    s.close()
+    d.close()
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval: honest at the small n and extreme rates of tiny-model evals."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -112,9 +112,13 @@ class EvalConfig(_Strict):
     splits: list[str] = Field(default_factory=lambda: ["eval_seen", "eval_unseen"])
     protocols: list[Literal["no_skill", "one_shot", "library"]] = Field(default_factory=lambda: ["no_skill"])
     max_tasks: int | None = Field(None, ge=1, description="Cap per split (first N in the fixed order).")
-    repeats: int = Field(3, ge=1, description="The paper evaluates 3 times.")
-    seed: int = 0
-    greedy: bool = True
+    repeats: int = Field(
+        1, ge=1, description="Plays of every task, pooled in the success rate and its interval. Repeats must be "
+        "independent samples, so more than 1 needs greedy: false (the paper evaluates 3 times; greedy repeats on a "
+        "deterministic engine replay the same episode and would only narrow the interval).")
+    seed: int = Field(0, description="Seeds the sampled repeats and the library protocol's task stream.")
+    greedy: bool = Field(True, description="Greedy decoding (temperature 0) for solver and extractor; false samples "
+                         "with rollout.solver / rollout.extractor settings.")
     experience_pool: list[str] = Field(
         default_factory=lambda: ["train", "train_unseen"],
         description="one_shot: where the similar task is retrieved from; never holds a test task.",
@@ -198,9 +202,10 @@ class EvolvingConfig(_Strict):
     solver: RoleConfig = Field(default_factory=RoleConfig)
     max_skill_chars: int = Field(4000, ge=100, description="Audit: longer cards fail.")
     min_skill_chars: int = Field(40, ge=0, description="Audit: shorter cards fail.")
-    max_trajectory_chars: int = Field(
-        6000, ge=200, description="The extractor reads at most this much of a trajectory (its start and end); "
-                                  "a cloned extractor must be run with the length it was cloned with.")
+    max_trajectory_chars: int | None = Field(
+        6000, ge=200, description="The extractor reads at most this much of a trajectory: a longer one shows its "
+        "start and end around a marker saying how much of the middle is cut; null shows it whole (large-context "
+        "models). A cloned extractor must be run with the length it was cloned with.")
 
 
 class RetrievalConfig(_Strict):
@@ -230,7 +235,8 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     seed: int = 0
     run_dir: str = Field("runs/default", description="Outputs: resolved config, metrics, checkpoints, report.")
-    algorithm: Literal["grpo", "evolving"] = "grpo"
+    algorithm: str = Field("grpo", description="Training algorithm by name: grpo (the baseline) or evolving "
+                           "(Evolving-RL); each is one file in evolving_rl/algorithms registered under its name.")
     env: EnvConfig = Field(default_factory=EnvConfig)
     games: GamesConfig = Field(default_factory=GamesConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -300,6 +306,14 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_splits(self) -> RunConfig:
+        from evolving_rl.algorithms import available
+
+        if self.algorithm not in available():
+            raise ValueError(f"algorithm: unknown {self.algorithm!r}; allowed: {', '.join(available())}")
+        if self.eval.greedy and self.eval.repeats > 1:
+            raise ValueError(f"eval.repeats={self.eval.repeats} with eval.greedy: true replays identical episodes and "
+                             "counts them as independent (intervals too narrow); set eval.repeats: 1, or "
+                             "eval.greedy: false for sampled repeats")
         for field_name, splits in (("eval.splits", self.eval.splits), ("eval.experience_pool", self.eval.experience_pool)):
             for s in splits:
                 if self.env.name == "alfworld" and s not in SPLITS:

@@ -5,28 +5,16 @@ success per split and task type with Wilson 95% intervals.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evolving_rl.common import check_no_overlap
+from evolving_rl.common import check_no_overlap, snapshot_sqlite, wilson
 from evolving_rl.config import SamplingConfig
 from evolving_rl.extraction import extract_skills
 from evolving_rl.rollout import Job, Rollout
 from evolving_rl.types import Episode, Task
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval: honest at the small n and extreme rates of tiny-model evals."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass
@@ -222,9 +210,12 @@ def episode_record(ep: Episode, protocol: str, repeat: int, meta: dict | None = 
 class Evaluator:
     """Runs the configured protocols on fixed splits and writes eval/<tag>.json + episodes."""
 
-    def __init__(self, cfg, suite, rollout: Rollout, policy, out_dir, console_print=print):
+    def __init__(self, cfg, suite, rollout: Rollout, policy, out_dir, console_print=print, *, bank=None):
         self.cfg, self.suite, self.rollout, self.policy = cfg, suite, rollout, policy
         self.out_dir = Path(out_dir)
+        # The skill bank the `library` protocol starts from (a run's shipped skills.sqlite, or
+        # another model's for skill transfer). Never written: each evaluation plays on a copy.
+        self.bank = Path(bank) if bank else None
         self.say = console_print
         self._index = None
         self._embedder = None
@@ -251,7 +242,7 @@ class Evaluator:
         return self._embedder
 
     def run(self, tag: str, step: int, *, protocols=None, repeats: int | None = None, cap: int | None = None,
-            library=None, learn: bool = True) -> list[SplitResult]:
+            learn: bool = True) -> list[SplitResult]:
         cfg = self.cfg
         protocols = protocols or cfg.eval.protocols
         repeats = repeats or cfg.eval.repeats
@@ -275,9 +266,7 @@ class Evaluator:
                     for ep, u in zip(r.episodes, used):
                         records.append(episode_record(ep, proto, u["repeat"], {k: v for k, v in u.items() if k != "card"}))
                 else:
-                    from evolving_rl.skills.library import SkillLibrary
-
-                    lib = library or SkillLibrary(self.out_dir / "skills.sqlite", cfg.library.dedup_threshold)
+                    lib = self.library_copy(tag, split)
                     r, log = run_library(self.rollout, self.policy, split, tasks, lib, self.embedder(), sampling, extract,
                                          top_m=cfg.eval.library_top_m, wave=cfg.eval.library_wave, seed=cfg.eval.seed,
                                          model_name=cfg.model.path, learn=learn, **lim)
@@ -286,14 +275,30 @@ class Evaluator:
                         base = next((x.overall.success for x in results if x.split == split and x.protocol == "no_skill"),
                                     r.overall.success)  # without a no_skill run here: the stream's own rate
                         retired = lib.auto_retire(cfg.library.retire_min_uses, base, cfg.library.retire_margin)
+                    lib.close()
                     extras[f"library_stream_{split}"] = {"log": log, "rolling_success": stream_curve(log),
-                                                         "retired": retired}
+                                                         "retired": retired, "library": lib.path.name,
+                                                         "started_from": str(self.bank) if self.bank else None}
                     for ep, entry in zip(r.episodes, log):
                         records.append(episode_record(ep, proto, 0, {"position": entry["position"],
                                                                      "skills_used": entry["skills_used"]}))
                 results.append(r)
         self.write(tag, step, results, records, extras)
         return results
+
+    def library_copy(self, tag: str, split: str):
+        """This evaluation's own library: a fresh copy of the bank (or an empty library), so
+        skills extracted from evaluation tasks never reach the bank, another split or a later
+        evaluation. The bank itself is checked for skills from the evaluated splits first."""
+        from evolving_rl.skills.library import SkillLibrary
+
+        path = self.out_dir / "eval" / f"{tag}_{split}_skills.sqlite"
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        if self.bank is not None and self.bank.is_file():
+            check_bank_no_overlap(self.bank, {s: self.suite.tasks(s) for s in self.cfg.eval.splits})
+            snapshot_sqlite(self.bank, path)
+        return SkillLibrary(path, self.cfg.library.dedup_threshold)
 
     def write(self, tag: str, step: int, results: list[SplitResult], records: list[dict], extras: dict) -> None:
         d = self.out_dir / "eval"
@@ -316,38 +321,77 @@ def skill_deltas(results: list[SplitResult]) -> dict[str, dict[str, float]]:
     return out
 
 
+def check_bank_no_overlap(bank: Path, eval_sets: dict[str, list[Task]]) -> None:
+    """Refuse a skill bank that holds skills extracted from evaluation tasks (their provenance's
+    `source_task_id`): evaluating with them would score tasks the bank has already seen."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{bank}?mode=ro", uri=True) as db:
+            rows = db.execute("SELECT id, provenance FROM skills").fetchall()
+    except sqlite3.Error as e:
+        raise ValueError(f"skill bank {bank}: not a readable skill library ({e})") from None
+    sources: dict[str, list[int]] = {}
+    for sid, prov in rows:
+        try:
+            src = json.loads(prov).get("source_task_id")
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if src is not None:
+            sources.setdefault(str(src), []).append(sid)
+    for split, tasks in eval_sets.items():
+        bad = sorted(t.id for t in tasks if t.id in sources)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise ValueError(f"leakage: the skill bank {bank} holds skills extracted from {len(bad)} task(s) of eval "
+                             f"split {split!r}: {shown}; evaluate with a bank built from training tasks only")
+
+
+def load_results(path: str | Path) -> list[SplitResult]:
+    """An eval/<tag>.json back as results (for tables after a resume): counts, not episodes."""
+    payload = json.loads(Path(path).read_text())
+
+    def cell(d: dict) -> Cell:
+        n = int(d.get("n", 0))
+        return Cell(wins=int(d.get("wins", 0)), n=n, steps=round(float(d.get("mean_steps", 0.0)) * n),
+                    failed=int(d.get("engine_failures", 0)))
+
+    out = []
+    for r in payload.get("results", []):
+        res = SplitResult(r["split"], r["protocol"], overall=cell(r))
+        for k, v in (r.get("by_type") or {}).items():
+            res.by_type[k] = cell(v)
+        out.append(res)
+    return out
+
+
 def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", protocols=None, skills: str | None = None,
                         learn: bool | None = None, console_print=print) -> list[SplitResult]:
     """`evolving-rl eval`: any Hugging Face model directory, the configured splits and protocols.
 
     With `skills`, the `library` protocol starts from that library (skill transfer: policy B
-    using the library policy A built); it is frozen unless `learn` is set, and copied first
-    so the source library is never modified.
+    using the library policy A built); it is frozen unless `learn` is set, and each split plays
+    on its own copy (eval/<tag>_<split>_skills.sqlite), so the source library is never
+    modified. A library holding skills extracted from the evaluated tasks is refused.
     """
-    import shutil
-
     from evolving_rl.builders import build_policy, build_pool, build_rollout, build_suite
     from evolving_rl.common import prompt_mismatch
-    from evolving_rl.skills.library import SkillLibrary
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     suite = build_suite(cfg)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
     policy = build_policy(cfg)
     if warn := prompt_mismatch(cfg, checkpoint):
         console_print(f"warning: {warn}")
-    library = None
     if skills:
         src = Path(skills)
         if not src.is_file():
             raise FileNotFoundError(f"--skills: no skill library at {src}")
-        shutil.copyfile(src, out / "skills.sqlite")
-        library = SkillLibrary(out / "skills.sqlite", cfg.library.dedup_threshold)
+        check_bank_no_overlap(src, {s: suite.tasks(s) for s in cfg.eval.splits})
         protocols = protocols or ["library"]
     with build_pool(cfg) as pool:
         rollout = build_rollout(cfg, policy, pool)
-        ev = Evaluator(cfg, suite, rollout, policy, out, console_print)
-        results = ev.run(tag, 0, protocols=protocols, library=library, learn=(learn if learn is not None else skills is None))
+        ev = Evaluator(cfg, suite, rollout, policy, out, console_print, bank=skills)
+        results = ev.run(tag, 0, protocols=protocols, learn=(learn if learn is not None else skills is None))
     console_print(format_table(results, f"{checkpoint} ({tag})"))
     return results

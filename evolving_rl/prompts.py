@@ -247,12 +247,15 @@ def multi_turn_env_message(step: int, observation: str, admissible: list[str] | 
     }
 
 
-def extractor_messages(episode: Episode, *, schema_hint: bool = True, max_trajectory_chars: int = 6000) -> list[dict[str, str]]:
-    """The extractor reads the task, the whole trajectory and the true success flag (SPEC step 2)."""
-    traj = episode.transcript()
-    if len(traj) > max_trajectory_chars:  # keep the start (the room) and the end (the outcome)
-        half = max_trajectory_chars // 2
-        traj = traj[:half] + "\n[...]\n" + traj[-half:]
+def extractor_messages(episode: Episode, *, schema_hint: bool = True,
+                       max_trajectory_chars: int | None = 6000) -> list[dict[str, str]]:
+    """The extractor reads the task, the whole trajectory and the true success flag (SPEC step 2).
+
+    A trajectory longer than `max_trajectory_chars` (None: no limit) keeps its start (the
+    room) and its end (the outcome), cut at line boundaries, with a marker that says how much
+    of the middle is not shown, so the extractor never mistakes a cut for what happened.
+    """
+    traj = clip_middle(episode.transcript(), max_trajectory_chars)
     user = EXTRACTOR_USER.format(
         task=episode.task.description,
         trajectory=traj,
@@ -261,6 +264,23 @@ def extractor_messages(episode: Episode, *, schema_hint: bool = True, max_trajec
     )
     system = EXTRACTOR_SYSTEM.format(role=agent_role(episode.task.env))
     return [{"role": "system", "content": system}, {"role": "user", "content": user.strip()}]
+
+
+def clip_middle(text: str, limit: int | None) -> str:
+    """`text` whole if it fits in `limit` characters, else head and tail (whole lines where
+    possible) around an explicit marker naming what was left out."""
+    if limit is None or len(text) <= limit:
+        return text
+    half = max(1, limit // 2)
+    head, tail = text[:half], text[-half:]
+    if "\n" in head[1:]:
+        head = head[: head.rindex("\n")]
+    if "\n" in tail[:-1]:
+        tail = tail[tail.index("\n") + 1:]
+    lines = max(0, text[len(head): len(text) - len(tail)].count("\n") - 1)  # the cut's own two line breaks
+    marker = (f"[... {len(text) - len(head) - len(tail)} characters ({lines} lines) from the middle of this trajectory "
+              f"are not shown: it is longer than the {limit} characters the extractor reads ...]")
+    return f"{head}\n{marker}\n{tail}"
 
 
 def _squash(text: str) -> str:

@@ -28,7 +28,7 @@ MAX_OBS_CHARS = 600
 MAX_TURNS = 40
 MAX_TRAJECTORIES = 6
 PROTOCOL_ORDER = ("no_skill", "one_shot", "library")
-STAGE_ORDER = tuple(f"time_{s}_s" for s in ("source", "extract", "retrieve", "downstream", "rewards", "collect", "update"))
+STAGE_ORDER = tuple(f"time/{s}_s" for s in ("source", "extract", "retrieve", "downstream", "rewards", "collect", "update"))
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1300px;color:#222;padding:0 1em}
@@ -237,14 +237,14 @@ def _eval_curves(rows: list[dict]) -> Callable[[Any], bool]:
 
 def _timings(rows: list[dict]) -> Callable[[Any], bool]:
     def draw(ax: Any) -> bool:
-        found = {k for r in rows for k in r if k.startswith("time_") and k.endswith("_s")}
+        found = {k for r in rows for k in r if k.startswith("time/") and k.endswith("_s")}
         keys = [k for k in STAGE_ORDER if k in found] + sorted(found - set(STAGE_ORDER))  # pipeline order
-        if len(keys) > 2 and "time_collect_s" in keys:
-            keys.remove("time_collect_s")  # the sum of the finer stages: stacking it counts them twice
+        if len(keys) > 2 and "time/collect_s" in keys:
+            keys.remove("time/collect_s")  # the sum of the finer stages: stacking it counts them twice
         bottom: dict[int, float] = defaultdict(float)
         for k in keys:
             xs, ys = _series(rows, k)
-            ax.bar(xs, ys, bottom=[bottom[x] for x in xs], label=k.removeprefix("time_").removesuffix("_s"))
+            ax.bar(xs, ys, bottom=[bottom[x] for x in xs], label=k.removeprefix("time/").removesuffix("_s"))
             for x, y in zip(xs, ys):
                 bottom[x] += y
         ax.set_ylabel("seconds")
@@ -258,12 +258,13 @@ def _plots_section(data: dict, out_dir: Path) -> str:
     evals = [r for r in data["metrics"] if r.get("kind") == "eval"]
     sft = [r for r in data["metrics"] if r.get("kind") == "sft"]
     p = _Plots(out_dir)
-    p.add("train_reward", "Train reward (mean)", _lines(train, ["reward_mean", "source_success", "downstream_success"]))
+    p.add("train_reward", "Training success (solver)", _lines(train, ["solver/success", "solver/source_success",
+                                                                       "solver/success_with_skill"]))
     p.add("eval_success", "Eval success: with skill (solid) vs without (dashed)", _eval_curves(evals))
     p.add("extractor", "Extractor: parse / valid rate, reward",
-          _lines(train, ["parse_rate", "valid_skill_rate", "extractor_reward_mean"]))
+          _lines(train, ["extractor/parse_rate", "extractor/valid_skill_rate", "extractor/reward_mean"]))
     p.add("optimizer", "Loss, KL, clip fraction, entropy",
-          _lines(train, ["loss", "pg_loss", "approx_kl", "kl_ref", "clip_frac", "entropy"]))
+          _lines(train, ["loss/total", "loss/pg", "loss/approx_kl", "loss/kl", "loss/clip_frac", "loss/entropy"]))
     p.add("timings", "Stage timings per step", _timings(train))
     p.add("sft_loss", "SFT loss", _lines(sft, ["loss"]))
     if not p.html:

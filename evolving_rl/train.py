@@ -1,10 +1,15 @@
 """The RL trainer: rollout -> update -> periodic evaluation -> checkpoint, resumable.
 
-One recipe serves every algorithm: `collect` turns a batch of training tasks into
-Samples (GRPO: G episodes per task; Evolving-RL: the four stages), then one optimizer step.
-A checkpoint holds model, optimizer, RNG states, step, data cursor and the metrics written
-so far; it is written to a temporary directory and renamed, so a run killed at any moment
-resumes from the last complete one with its curves continuous.
+One recipe serves every algorithm: the configured step (found by name in
+`evolving_rl.algorithms`) turns a batch of training tasks into Samples (GRPO: G episodes per
+task; Evolving-RL: the four stages), then one optimizer step.
+
+A checkpoint holds model, optimizer, RNG states, step, data cursor, the algorithm's state and
+the run's skill bank; it is written to a temporary directory and renamed, so a run killed at
+any moment resumes from the last complete one with its curves continuous: metrics rows
+written after that checkpoint are dropped, and the skill bank is rolled back with it so
+replayed steps do not store their skills twice. A checkpoint that cannot be read (a
+truncated file) is skipped for the one before it, saying so.
 """
 
 from __future__ import annotations
@@ -19,13 +24,74 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evolving_rl import algorithms
+from evolving_rl.algorithms.base import StepParts
+from evolving_rl.builders import build_policy, build_pool, build_reference, build_rollout, build_suite
+from evolving_rl.common import TaskCursor, check_no_overlap, env_options, prompt_mismatch, snapshot_sqlite
 from evolving_rl.config import RunConfig, save_config
-from evolving_rl.envs.base import make_suite
-from evolving_rl.envs.workers import EnvPool
-from evolving_rl.common import TaskCursor, check_no_overlap, env_options, episode_samples, prompt_mismatch
-from evolving_rl.evaluate import Evaluator, compare_table, format_table
-from evolving_rl.rollout import Job, Rollout
-from evolving_rl.types import Sample, Task
+from evolving_rl.evaluate import Evaluator, compare_table, format_table, load_results
+
+__all__ = ["Trainer", "env_options"]
+
+# Metric namespaces (CleanRL's `losses/` and `charts/`): one key, one meaning.
+NAMESPACES = ("rollout/", "extractor/", "solver/", "loss/", "time/")
+
+
+def namespaced_update(stats: dict) -> dict:
+    """The updater's numbers under `loss/` (per-role terms are `loss/<role>/...`)."""
+    out = {}
+    for k, v in stats.items():
+        if not isinstance(v, (int, float)):
+            continue
+        out[k if k.startswith("loss/") else f"loss/{k}"] = v
+    return out
+
+
+def merge_metrics(*parts: dict) -> dict:
+    """One row from several sources; a key two sources both set is a bug, not an overwrite."""
+    row: dict = {}
+    for part in parts:
+        clash = sorted(set(row) & set(part))
+        if clash:
+            raise ValueError(f"metric keys set twice in one step: {clash}")
+        row.update(part)
+    return row
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it is complete."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"state.json unreadable ({type(e).__name__}: {e})"
+    try:
+        blob = torch.load(path / "trainer.pt", weights_only=False, map_location="cpu")
+        blob["optimizer"], blob["rng"]
+    except Exception as e:  # a truncated zip archive raises RuntimeError, a missing file OSError
+        return f"trainer.pt unreadable ({type(e).__name__}: {str(e)[:200]})"
+    model = path / "model"
+    if not (model / "config.json").is_file():
+        return "model/config.json missing"
+    for f in model.glob("*.safetensors"):
+        if (why := _safetensors_problem(f)) is not None:
+            return why
+    return None
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header and the tensor bytes: a
+    truncated file is shorter than the header says, found without reading the tensors."""
+    try:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{f.name} unreadable ({type(e).__name__})"
+    if f.stat().st_size < 8 + n + end:
+        return f"{f.name} truncated ({f.stat().st_size} bytes, header says {8 + n + end})"
+    return None
 
 
 class Trainer:
@@ -33,65 +99,67 @@ class Trainer:
         from accelerate import Accelerator
 
         from evolving_rl.algorithms.grpo import GRPOUpdater
-        from evolving_rl.policy.hf import HFPolicy
 
         self.cfg = cfg
         self.print = (lambda x: console.print(x, soft_wrap=True, highlight=False, markup=False)) if console is not None else print
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        latest = self._latest_checkpoint() if resume else None
         if not resume and self.metrics_path.exists():
             raise FileExistsError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another run_dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
 
-        self.suite = make_suite(cfg.env.name, env_options(cfg))
+        # Inputs first: nothing is written until the suite, the splits and the algorithm's
+        # settings have been checked, so a refused run leaves no directory behind.
+        self.suite = build_suite(cfg)
         self.train_tasks = self.suite.tasks("train")
         if not self.train_tasks:
             raise ValueError(f"env.games_dir {cfg.env.games_dir!r}: the train split is empty")
         self.eval_tasks = {s: self.suite.tasks(s) for s in cfg.eval.splits}
         check_no_overlap(self.train_tasks, self.eval_tasks, "training pool")
+        step_cls = algorithms.lookup(cfg.algorithm)
+        step_cls.check(cfg, self.train_tasks)
+        latest = self._find_checkpoint() if resume else None
 
         torch.manual_seed(cfg.seed)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         # LoRA resumes from the base weights plus the saved adapter (trainer.pt), not from the
         # merged model: fresh adapters on merged weights would not match the optimizer state.
-        model_path = str(latest / "model") if latest and not cfg.model.lora.enabled else cfg.model.path
-        self.policy = HFPolicy(cfg.model.model_copy(update={"path": model_path}), device=self.accelerator.device)
+        model_path = str(latest / "model") if latest and not cfg.model.lora.enabled else None
+        self.policy = build_policy(cfg, path=model_path, device=self.accelerator.device)
         if warn := prompt_mismatch(cfg, cfg.model.path):
             self.print(f"warning: {warn}")
         # The KL anchor is the *initial* policy, also after a resume.
-        self.reference = HFPolicy(cfg.model, device=self.accelerator.device).reference() if latest else self.policy.reference()
-        roles = self._roles()
-        self.updater = GRPOUpdater(self.policy, self.reference, cfg.grpo, roles, accelerator=self.accelerator)
-        self.pool = EnvPool(cfg.env.name, env_options(cfg), cfg.env.num_workers, cfg.env.step_timeout_s)
-        self.rollout = Rollout(self.policy, self.pool, cfg.rollout, cfg.env.max_steps)
-        self.step = 0
-        self.initial = None
-        self.cursor = TaskCursor(self.train_tasks, cfg.seed)
-        self.algorithm = self._algorithm()
-        self.evaluator = Evaluator(cfg, self.suite, self.rollout, self.policy, self.run_dir, self.print)
-        if latest:
-            self._load(latest)
+        self.reference = build_reference(cfg, self.policy, resumed=bool(latest), device=self.accelerator.device)
+        self.updater = GRPOUpdater(self.policy, self.reference, cfg.grpo, step_cls.roles(cfg), accelerator=self.accelerator)
+        self.pool = build_pool(cfg)
+        try:
+            self.rollout = build_rollout(cfg, self.policy, self.pool)
+            self.step = 0
+            self.initial = None
+            self.finished: list | None = None  # the final results of a run resumed after it ended
+            self.cursor = TaskCursor(self.train_tasks, cfg.seed)
+            self.algorithm = step_cls.setup(StepParts(cfg, self.policy, self.rollout, self.cursor, self.train_tasks,
+                                                      self.run_dir))
+        except BaseException:
+            self.pool.close()
+            raise
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.evaluator = Evaluator(cfg, self.suite, self.rollout, self.policy, self.run_dir, self.print,
+                                   bank=self.bank_path)
+        if resume:
+            self._resume(latest)
         self.tb = self._tensorboard()
         self.wandb = self._wandb()
 
     # -- setup helpers ---------------------------------------------------------------------
 
-    def _roles(self):
-        if self.cfg.algorithm == "evolving":
-            return {"solver": self.cfg.evolving.solver, "extractor": self.cfg.evolving.extractor}
-        from evolving_rl.config import RoleConfig
-
-        return {"solver": RoleConfig(kl_coef=self.cfg.grpo.kl_coef, entropy_coef=self.cfg.grpo.entropy_coef)}
-
-    def _algorithm(self):
-        if self.cfg.algorithm == "evolving":
-            from evolving_rl.algorithms.evolving import EvolvingStep
-
-            return EvolvingStep(self)
-        return GRPOStep(self)
+    @property
+    def bank_path(self) -> Path | None:
+        """The skill bank this run ships (written by training, read by evaluations)."""
+        p = getattr(self.algorithm, "library_path", None)
+        return Path(p) if p else None
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
@@ -118,14 +186,15 @@ class Trainer:
         row = {"step": self.step, "time": time.time(), **row}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        kind = row.get("kind", "train")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        if kind == "eval":  # one curve per (tag family, split, protocol)
+            scalars = {f"eval/{row['split']}/{row['protocol']}/success": row["success"]}
         if self.wandb is not None:
-            kind = row.get("kind", "train")
-            self.wandb.log({f"{kind}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
+            self.wandb.log(scalars, step=self.step)
         if self.tb is not None:
-            kind = row.get("kind", "train")
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, self.step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, self.step)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -141,6 +210,10 @@ class Trainer:
 
     def fit(self) -> list:
         cfg = self.cfg
+        if self.finished is not None:  # resumed after the final evaluation: nothing left to run
+            self.print(f"{self.run_dir}: finished at step {self.step}; not re-running the final evaluation")
+            self._print_summary(self.finished)
+            return self.finished
         if self.step == 0 and cfg.train.eval_initial:
             self.initial = self.evaluate("initial")
             self.print(format_table(self.initial, "Before RL (greedy)"))
@@ -148,25 +221,32 @@ class Trainer:
             t0 = time.perf_counter()
             samples, info = self.algorithm.collect(self.step)
             t1 = time.perf_counter()
-            stats = self.updater.update(samples) if samples else {"skipped": 1}
-            info["time_update_s"] = time.perf_counter() - t1
-            info["time_collect_s"] = t1 - t0
+            stats = namespaced_update(self.updater.update(samples)) if samples else {"loss/skipped": 1}
+            timing = {"time/collect_s": t1 - t0, "time/update_s": time.perf_counter() - t1}
             self.step += 1
-            self.log({"kind": "train", **info, **{k: v for k, v in stats.items() if isinstance(v, (int, float))}})
-            self.print(f"step {self.step}/{cfg.train.steps}  reward {info.get('reward_mean', 0):.3f}  "
-                       f"loss {stats.get('loss', float('nan')):.4f}  {time.perf_counter() - t0:.1f}s")
+            self.log({"kind": "train", **merge_metrics(info, stats, timing)})
+            loss = stats.get("loss/total", stats.get("loss/loss", float("nan")))
+            self.print(f"step {self.step}/{cfg.train.steps}  success {info.get('solver/success', 0):.3f}  "
+                       f"loss {loss:.4f}  {time.perf_counter() - t0:.1f}s")
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate(f"step{self.step}")
             if self.step % cfg.train.save_every == 0 or self.step == cfg.train.steps:
                 self.save()
         final = self.evaluate("final")
-        self.print(format_table(final, f"After {self.step} RL steps (greedy)"))
-        if getattr(self, "initial", None):
-            self.print(compare_table(self.initial, final, f"Success before vs after {self.step} {cfg.algorithm} steps"))
+        # Only now is the run done: a resume after this point must not evaluate (or log) again.
+        self._write_atomic(self.ckpt_dir / "finished", json.dumps({"step": self.step}))
+        self._print_summary(final)
         return final
+
+    def _print_summary(self, final: list) -> None:
+        self.print(format_table(final, f"After {self.step} RL steps (greedy)"))
+        if self.initial:
+            self.print(compare_table(self.initial, final, f"Success before vs after {self.step} {self.cfg.algorithm} steps"))
 
     def close(self) -> None:
         self.pool.close()
+        if hasattr(self.algorithm, "close"):
+            self.algorithm.close()
         if self.wandb is not None:
             self.wandb.finish()
         if self.tb is not None:
@@ -174,12 +254,23 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.exists():
+    def _find_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint: the one `latest` names, else (it is unreadable) the
+        one before it; each one skipped is reported with the reason."""
+        if not self.ckpt_dir.is_dir():
             return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        return path if (path / "state.json").exists() else None
+        pointer = self.ckpt_dir / "latest"
+        named = self.ckpt_dir / pointer.read_text().strip() if pointer.is_file() else None
+        found = sorted((p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p.suffix != ".tmp"), reverse=True)
+        order = ([named] if named is not None and named.is_dir() else []) + [p for p in found if p != named]
+        for path in order:
+            why = checkpoint_problem(path)
+            if why is None:
+                if path != order[0]:
+                    self.print(f"resuming from the previous complete checkpoint {path.name}")
+                return path
+            self.print(f"warning: checkpoint {path} is unusable ({why}); trying an earlier one")
+        return None
 
     def save(self) -> Path:
         name = f"step_{self.step:06d}"
@@ -197,16 +288,22 @@ class Trainer:
             },
             tmp / "trainer.pt",
         )
+        if self.bank_path is not None and self.bank_path.is_file():
+            snapshot_sqlite(self.bank_path, tmp / "skills.sqlite")
         (tmp / "state.json").write_text(json.dumps({"step": self.step, "cursor": self.cursor.state()}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer_tmp = self.ckpt_dir / "latest.tmp"
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.ckpt_dir / "latest")
+        self._write_atomic(self.ckpt_dir / "latest", name)
         done = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p.suffix != ".tmp")
         for old in done[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    @staticmethod
+    def _write_atomic(path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
     def _adapter_state(self) -> dict | None:
         if not self.cfg.model.lora.enabled:
@@ -215,10 +312,19 @@ class Trainer:
 
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.policy.model).items()}
 
-    def _load(self, path: Path) -> None:
+    def _resume(self, path: Path | None) -> None:
+        if path is None:
+            if self.metrics_path.exists() or (self.bank_path and self.bank_path.exists()):
+                self.print(f"{self.run_dir}: no complete checkpoint to resume from; starting again at step 0 "
+                           "(metrics and skills written before are dropped)")
+            self._trim_metrics(keep_through=None)
+            self._restore_bank(None)
+            (self.ckpt_dir / "finished").unlink(missing_ok=True)
+            return
         state = json.loads((path / "state.json").read_text())
         self.step = state["step"]
         self.cursor = TaskCursor(self.train_tasks, self.cfg.seed, **state["cursor"])
+        self.algorithm.cursor = self.cursor
         blob = torch.load(path / "trainer.pt", weights_only=False)
         if blob.get("adapter") is not None:
             from peft import set_peft_model_state_dict
@@ -229,39 +335,52 @@ class Trainer:
         np.random.set_state(blob["rng"]["numpy"])
         torch.set_rng_state(blob["rng"]["torch"])
         self.algorithm.load_state_dict(blob.get("algorithm", {}))
-        # Drop metrics written after this checkpoint so curves continue without a seam.
-        if self.metrics_path.exists():
-            rows = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in rows if json.loads(ln).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(r + "\n" for r in keep))
+        self._restore_bank(path / "skills.sqlite")
+        marker = self.ckpt_dir / "finished"
+        done = json.loads(marker.read_text()).get("step") if marker.is_file() else None
+        final_json = self.run_dir / "eval" / "final.json"
+        if done == self.step and self.step >= self.cfg.train.steps and final_json.is_file():
+            self.finished = load_results(final_json)
+        else:
+            marker.unlink(missing_ok=True)
+        self._trim_metrics(keep_through=self.step, keep_final=self.finished is not None)
+        initial = self.run_dir / "eval" / "initial.json"
+        if initial.is_file():
+            self.initial = load_results(initial)
         self.print(f"resumed from {path} at step {self.step}")
 
+    def _trim_metrics(self, keep_through: int | None, keep_final: bool = False) -> None:
+        """Drop rows written after the checkpoint (and a final evaluation that will run again),
+        so curves continue without a seam; None drops every row (no checkpoint: step 0 again)."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for ln in self.metrics_path.read_text().splitlines():
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:  # the half-written last line of a killed run
+                continue
+            if keep_through is None or row.get("step", 0) > keep_through:
+                continue
+            if row.get("tag") == "final" and not keep_final:
+                continue
+            keep.append(ln)
+        self._write_atomic(self.metrics_path, "".join(r + "\n" for r in keep))
 
-class GRPOStep:
-    """Plain GRPO for agents: G episodes per training task, reward = success, group = task."""
-
-    def __init__(self, trainer: Trainer):
-        self.t = trainer
-
-    def collect(self, step: int) -> tuple[list[Sample], dict]:
-        cfg = self.t.cfg
-        tasks = self.t.cursor.take(cfg.grpo.prompts_per_step)
-        jobs = [Job(task, None, {"group": f"s{step}/{task.id}"}) for task in tasks for _ in range(cfg.grpo.group_size)]
-        episodes = self.t.rollout.run(jobs, cfg.rollout.solver, seed=cfg.seed * 7919 + step)
-        samples = []
-        for i, (job, ep) in enumerate(zip(jobs, episodes)):
-            if not ep.failed:
-                samples += episode_samples(ep, "solver", job.tag["group"], float(ep.won) * cfg.grpo.reward_scale, f"s{step}/e{i}")
-        ok = [ep for ep in episodes if not ep.failed]
-        return samples, {
-            "episodes": len(episodes),
-            "engine_failures": len(episodes) - len(ok),
-            "reward_mean": sum(ep.won for ep in ok) / max(1, len(ok)),
-            "mean_steps": sum(ep.steps for ep in ok) / max(1, len(ok)),
-        }
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def _restore_bank(self, snapshot: Path | None) -> None:
+        """Roll the skill bank back to the checkpoint, so replayed steps store their skills once."""
+        bank = self.bank_path
+        if bank is None:
+            return
+        if hasattr(self.algorithm, "close"):
+            self.algorithm.close()  # no open connection while the file is replaced
+        if snapshot is not None and snapshot.is_file():
+            snapshot_sqlite(snapshot, bank)
+        elif bank.parent.resolve() == self.run_dir.resolve():  # the run's own bank, empty at that checkpoint
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(bank) + suffix).unlink(missing_ok=True)
+        elif bank.exists():
+            self.print(f"warning: library.path {bank} is shared and has no snapshot in this checkpoint; "
+                       "replayed steps may store their skills in it again")

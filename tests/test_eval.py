@@ -53,7 +53,8 @@ def library_a(games_dir, demos_path, tmp_path_factory):
 def test_no_skill_and_one_shot_protocols(games_dir, tiny_model, tmp_path, make_config):
     from evolving_rl.evaluate import evaluate_checkpoint
 
-    cfg = make_config(games_dir, tiny_model, tmp_path, "eval.protocols=[no_skill,one_shot]", "eval.repeats=2")
+    cfg = make_config(games_dir, tiny_model, tmp_path, "eval.protocols=[no_skill,one_shot]", "eval.repeats=2",
+                      "eval.greedy=false")
     results = evaluate_checkpoint(cfg, str(tiny_model), tmp_path, tag="t")
     assert [(r.split, r.protocol) for r in results] == [
         ("eval_seen", "no_skill"), ("eval_seen", "one_shot"), ("eval_unseen", "no_skill"), ("eval_unseen", "one_shot")]
@@ -88,7 +89,7 @@ def test_library_protocol_and_transfer_to_a_second_model(games_dir, second_model
     # usage was recorded in B's copy; A's library file is untouched
     from evolving_rl.skills.library import SkillLibrary
 
-    copy = SkillLibrary(tmp_path / "skills.sqlite")
+    copy = SkillLibrary(tmp_path / "eval" / "transfer_eval_seen_skills.sqlite")
     assert sum(r.uses for r in copy.list()) == 2
     assert sqlite3.connect(library_a).execute("select sum(uses) from skills").fetchone()[0] == before
     # the stream order is seeded: the same seed gives the same order

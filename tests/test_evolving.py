@@ -4,7 +4,6 @@ step with scripted episodes and extractor outputs), and one real step on ALFWorl
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -70,21 +69,17 @@ class Cursor:
 
 def _step(overrides, wins, run_dir=None):
     cfg = load_config(None, ["evolving.sources_per_step=2", "evolving.num_skills=2", "evolving.num_downstream=2", *overrides])
-    trainer = type("T", (), {})()
-    trainer.cfg, trainer.policy = cfg, ScriptedPolicy()
-    trainer.rollout = ScriptedRollout(wins)
-    trainer.cursor = Cursor([_task(0), _task(1)])
-    trainer.run_dir = run_dir
-    step = EvolvingStep.__new__(EvolvingStep)
-    step.t, step.index, step.rng = trainer, FixedIndex(), random.Random(0)
-    return step, trainer
+    rollout = ScriptedRollout(wins)
+    lib = (run_dir / "skills.sqlite") if run_dir is not None and cfg.library.persist_top else None
+    step = EvolvingStep(cfg, ScriptedPolicy(), rollout, Cursor([_task(0), _task(1)]), FixedIndex(), library_path=lib)
+    return step, rollout
 
 
 def test_groups_rewards_and_advantages_of_a_hand_built_step():
     # A skill helps on the first downstream task of each source (id ending in 0), never on the second.
-    step, trainer = _step([], lambda j: j.skill_card is not None and j.task.id.endswith("0"))
+    step, rollout = _step([], lambda j: j.skill_card is not None and j.task.id.endswith("0"))
     samples, m = step.collect(step=3)
-    source_jobs, down_jobs = trainer.rollout.calls
+    source_jobs, down_jobs = rollout.calls
     assert [j.skill_card for j in source_jobs] == [None, None]
     assert len(down_jobs) == 2 * 2 * 2  # B x N x K
     # candidate 0 of each source is valid -> its card; candidate 1 is junk -> played without a skill
@@ -100,8 +95,8 @@ def test_groups_rewards_and_advantages_of_a_hand_built_step():
     for s in sol:
         groups.setdefault(s.group, set()).add(s.episode)
     assert len(groups) == 4 and all(len(eps) == 2 for eps in groups.values())
-    assert m["parse_rate"] == 0.5 and m["valid_skill_rate"] == 0.5 and m["audit_fail_unparseable"] == 0.5
-    assert m["downstream_success_with_skill"] == 0.5
+    assert m["extractor/parse_rate"] == 0.5 and m["extractor/valid_skill_rate"] == 0.5
+    assert m["extractor/audit_fail_unparseable"] == 0.5 and m["solver/success_with_skill"] == 0.5
 
     kept, stats = group_advantages(samples, eps=1e-6)
     adv = {(s.role, s.group, s.reward) for s in kept if s.advantage != 0}
@@ -121,13 +116,13 @@ def test_ablations_change_what_is_trained():
     assert {s.role for s in step.collect(0)[0]} == {"solver"}  # solver-only
     step, _ = _step(["evolving.solver.train=false"], wins)
     assert {s.role for s in step.collect(0)[0]} == {"extractor"}  # extractor-only
-    step, trainer = _step(["evolving.skill_mode=none"], wins)
+    step, rollout = _step(["evolving.skill_mode=none"], wins)
     samples, m = step.collect(0)
-    assert {s.role for s in samples} == {"solver"} and m["extractor_samples"] == 0
-    assert all(j.skill_card is None for j in trainer.rollout.calls[1])
-    step, trainer = _step(["evolving.skill_mode=random"], wins)
+    assert {s.role for s in samples} == {"solver"} and m["extractor/samples"] == 0
+    assert all(j.skill_card is None for j in rollout.calls[1])
+    step, rollout = _step(["evolving.skill_mode=random"], wins)
     step.collect(0)
-    cards = [j.skill_card for j in trainer.rollout.calls[1]]
+    cards = [j.skill_card for j in rollout.calls[1]]
     assert any(c is not None for c in cards)  # valid skills from the *other* source
     step, _ = _step(["evolving.format_penalty=-1"], wins)
     assert sorted({s.reward for s in step.collect(0)[0] if s.role == "extractor"}) == [-1.0, 1.0]
@@ -141,13 +136,13 @@ def test_training_persists_the_best_helpful_skills(tmp_path):
 
     step, _ = _step(["library.persist_top=1"], lambda j: j.skill_card is not None and j.task.id.endswith("0"), tmp_path)
     _, m = step.collect(step=7)
-    assert m["skills_persisted"] == 2  # one per source: its valid skill helped on 1 of 2 tasks
+    assert m["extractor/skills_persisted"] == 2  # one per source: its valid skill helped on 1 of 2 tasks
     recs = SkillLibrary(tmp_path / "skills.sqlite").list()
     # keyed by the source task's embedding: two different tasks keep two records
     assert len(recs) == 2 and {r.name for r in recs} == {"find-then-place"}
     assert {r.provenance["source_task_id"] for r in recs} == {"t0", "t1"} and recs[0].provenance["step"] == 7
     step, _ = _step(["library.persist_top=1"], lambda j: False, tmp_path / "none")
-    assert step.collect(step=0)[1]["skills_persisted"] == 0  # skills that never helped are not kept
+    assert step.collect(step=0)[1]["extractor/skills_persisted"] == 0  # skills that never helped are not kept
 
 
 @pytest.mark.slow
@@ -164,9 +159,9 @@ def test_a_real_step_on_alfworld_produces_both_roles(games_dir, tiny_model, tmp_
         trainer.close()
     roles = {s.role for s in samples}
     assert roles == {"solver", "extractor"}
-    assert m["extractor_samples"] == 4 and m["episodes"] == 2 + 2 * 2 * 2
-    assert 0.0 <= m["retrieval_similarity_mean"] <= 1.0
-    assert stats["optimizer_stepped"] == 1 and stats["samples/extractor"] == 4
+    assert m["extractor/samples"] == 4 and m["rollout/episodes"] == 2 + 2 * 2 * 2
+    assert 0.0 <= m["rollout/retrieval_similarity_mean"] <= 1.0
+    assert stats["loss/optimizer_stepped"] == 1 and stats["loss/extractor/samples"] == 4
     # the source task is never among its downstream tasks
     for ep_task in trainer.train_tasks[:2]:
         assert ep_task.id not in {t.id for t, _ in trainer.algorithm.index.top_k(ep_task, 2)}

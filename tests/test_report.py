@@ -25,10 +25,11 @@ def _config(run_dir: Path) -> None:
 def _metrics(run_dir: Path) -> None:
     rows = []
     for step in range(1, 5):
-        rows.append({"step": step, "time": 1e9 + step, "kind": "train", "reward_mean": 0.1 * step, "loss": 1.0 / step,
-                     "approx_kl": 0.01 * step, "clip_frac": 0.05, "entropy": 2.0 - 0.1 * step, "parse_rate": 0.5 + 0.1 * step,
-                     "valid_skill_rate": 0.4 + 0.1 * step, "extractor_reward_mean": 0.2 * step, "time_source_s": 3.0,
-                     "time_extract_s": 2.0, "time_downstream_s": 4.0, "time_update_s": 1.5, "time_collect_s": 9.0})
+        rows.append({"step": step, "time": 1e9 + step, "kind": "train", "solver/success": 0.1 * step, "loss/total": 1.0 / step,
+                     "loss/approx_kl": 0.01 * step, "loss/clip_frac": 0.05, "loss/entropy": 2.0 - 0.1 * step,
+                     "extractor/parse_rate": 0.5 + 0.1 * step, "extractor/valid_skill_rate": 0.4 + 0.1 * step,
+                     "extractor/reward_mean": 0.2 * step, "time/source_s": 3.0, "time/extract_s": 2.0,
+                     "time/downstream_s": 4.0, "time/update_s": 1.5, "time/collect_s": 9.0})
     for step, tag in ((0, "initial"), (4, "final")):
         for split in ("eval_seen", "eval_unseen"):
             for proto, succ in (("no_skill", 0.2 + 0.05 * step), ("one_shot", 0.3 + 0.1 * step)):

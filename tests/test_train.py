@@ -32,10 +32,10 @@ def test_grpo_step_trains_and_checkpoints(games_dir, tiny_model, tmp_path, make_
     finally:
         trainer.close()
     rows = _train_rows(tmp_path / "run")
-    assert len(rows) == 1 and rows[0]["episodes"] == 4 and rows[0]["samples/solver"] > 0
-    assert rows[0]["optimizer_stepped"] == 1
+    assert len(rows) == 1 and rows[0]["rollout/episodes"] == 4 and rows[0]["loss/solver/samples"] > 0
+    assert rows[0]["loss/optimizer_stepped"] == 1
     changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.model.parameters()))
-    assert changed or rows[0]["zero_adv_group_share"] == 1.0  # all-equal groups leave only KL (0 at step 0)
+    assert changed or rows[0]["loss/zero_adv_group_share"] == 1.0  # all-equal groups leave only KL (0 at step 0)
     ckpt = tmp_path / "run" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_000001"
     assert (ckpt / "step_000001" / "model" / "config.json").exists()

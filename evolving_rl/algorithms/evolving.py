@@ -11,6 +11,10 @@ the solver to exploit good skills and ignore bad ones. One optimizer step over a
 
 All B source episodes run in one rollout, all B x N extractions in one generate call, and all
 B x N x K downstream episodes in one rollout.
+
+Engine failures are nobody's signal: a source episode the engine failed gets no extraction
+and no downstream play, and a skill whose downstream episodes all failed in the engine was
+never measured, so it is left out of the extractor's group instead of being scored 0.
 """
 
 from __future__ import annotations
@@ -19,28 +23,65 @@ import random
 import statistics
 import time
 from collections import Counter
+from pathlib import Path
 
+from evolving_rl.algorithms import register
+from evolving_rl.algorithms.base import StepParts
 from evolving_rl.common import episode_samples
 from evolving_rl.extraction import Candidate, extract_skills
 from evolving_rl.rollout import Job
 from evolving_rl.types import Sample
 
 
+@register("evolving")
 class EvolvingStep:
-    def __init__(self, trainer):
-        from evolving_rl.retrieval import build_index, make_embedder
-
-        self.t = trainer
-        cfg = trainer.cfg
-        t0 = time.perf_counter()
-        # The pool is the training split only: evaluation tasks can never be retrieved.
-        r = cfg.retrieval
-        self.index = build_index(trainer.train_tasks, make_embedder(r.embedder), cache_dir=r.cache_dir, backend=r.backend)
-        self.index_build_s = time.perf_counter() - t0
+    def __init__(self, cfg, policy, rollout, cursor, index, *, library_path: str | Path | None = None):
+        self.cfg, self.policy, self.rollout, self.cursor, self.index = cfg, policy, rollout, cursor, index
+        # Where `library.persist_top` keeps the best skills; opened on first use, so a run that
+        # persists nothing leaves no file behind.
+        self.library_path = Path(library_path) if library_path else None
+        self.library = None
+        self._embedder = None
         self.rng = random.Random(cfg.seed)
 
+    @classmethod
+    def roles(cls, cfg) -> dict:
+        return {"solver": cfg.evolving.solver, "extractor": cfg.evolving.extractor}
+
+    @classmethod
+    def check(cls, cfg, train_tasks) -> None:
+        """K downstream tasks must exist for every source, else a step silently plays fewer
+        (or, through a wrapped pool, far more) episodes than the config says."""
+        ev = cfg.evolving
+        n = len(train_tasks)
+        if ev.exclusion == "source":
+            eligible = n - 1
+        elif ev.exclusion == "identical_description":
+            eligible = n - max(Counter(" ".join(t.description.lower().split()) for t in train_tasks).values(), default=0)
+        else:
+            eligible = n
+        if ev.num_downstream > eligible:
+            raise ValueError(
+                f"evolving.num_downstream={ev.num_downstream}: the training pool ({n} tasks, exclusion "
+                f"{ev.exclusion!r}) offers at most {max(eligible, 0)} downstream tasks per source; lower "
+                f"evolving.num_downstream or use a larger env.games_dir")
+
+    @classmethod
+    def setup(cls, parts: StepParts) -> EvolvingStep:
+        from evolving_rl.retrieval import build_index, make_embedder
+
+        cfg = parts.cfg
+        r = cfg.retrieval
+        t0 = time.perf_counter()
+        # The pool is the training split only: evaluation tasks can never be retrieved.
+        index = build_index(parts.train_tasks, make_embedder(r.embedder), cache_dir=r.cache_dir, backend=r.backend)
+        lib = (cfg.library.path or str(Path(parts.run_dir) / "skills.sqlite")) if cfg.library.persist_top else None
+        step = cls(cfg, parts.policy, parts.rollout, parts.cursor, index, library_path=lib)
+        step.index_build_s = time.perf_counter() - t0
+        return step
+
     def collect(self, step: int) -> tuple[list[Sample], dict]:
-        t, cfg = self.t, self.t.cfg
+        cfg = self.cfg
         ev = cfg.evolving
         timing: dict[str, float] = {}
         clock = time.perf_counter()
@@ -48,18 +89,21 @@ class EvolvingStep:
         def lap(name: str) -> None:
             nonlocal clock
             now = time.perf_counter()
-            timing[f"time_{name}_s"] = now - clock
+            timing[f"time/{name}_s"] = now - clock
             clock = now
 
         # (1) source episodes, no skill
-        sources = t.cursor.take(ev.sources_per_step)
-        src_eps = t.rollout.run([Job(s) for s in sources], cfg.rollout.solver, seed=cfg.seed * 7919 + step)
+        drawn = self.cursor.take(ev.sources_per_step)
+        drawn_eps = self.rollout.run([Job(s) for s in drawn], cfg.rollout.solver, seed=cfg.seed * 7919 + step)
+        # A source the engine failed has no trajectory worth extracting from: it leaves the step.
+        kept = [i for i, e in enumerate(drawn_eps) if not e.failed]
+        sources, src_eps = [drawn[i] for i in kept], [drawn_eps[i] for i in kept]
         lap("source")
 
         # (2) N candidate skills per source
         cands: list[Candidate] = []
         if ev.skill_mode != "none":
-            cands = extract_skills(t.policy, src_eps, ev.num_skills, cfg.rollout.extractor, min_chars=ev.min_skill_chars,
+            cands = extract_skills(self.policy, src_eps, ev.num_skills, cfg.rollout.extractor, min_chars=ev.min_skill_chars,
                                    max_chars=ev.max_skill_chars, seed=cfg.seed * 104_729 + step,
                                    max_trajectory_chars=ev.max_trajectory_chars)
         lap("extract")
@@ -70,13 +114,13 @@ class EvolvingStep:
 
         # (4) N x K (x repeats) downstream episodes, all in one rollout
         jobs = []
-        for b, src in enumerate(sources):
+        for b in range(len(sources)):
             for n in range(ev.num_skills):
-                card = self._card_for(cands, b, n, len(sources))
+                card = self._card_for(cands, b, n)
                 for k, (task, _sim) in enumerate(downstream[b]):
                     for r in range(ev.downstream_repeats):
                         jobs.append(Job(task, card, {"b": b, "n": n, "k": k, "r": r}))
-        down_eps = t.rollout.run(jobs, cfg.rollout.solver, seed=cfg.seed * 15_485_863 + step)
+        down_eps = self.rollout.run(jobs, cfg.rollout.solver, seed=cfg.seed * 15_485_863 + step) if jobs else []
         lap("downstream")
 
         # Rewards and groups
@@ -92,84 +136,102 @@ class EvolvingStep:
                     samples += episode_samples(ep, "solver", g, float(ep.won), f"d{step}/e{i}")
             if ev.train_on_source:  # a batch-level group: each source task is played once
                 for i, ep in enumerate(src_eps):
-                    if not ep.failed:
-                        samples += episode_samples(ep, "solver", f"src{step}", float(ep.won), f"src{step}/e{i}")
+                    samples += episode_samples(ep, "solver", f"src{step}", float(ep.won), f"src{step}/e{i}")
         for c in cands:
             got = wins.get((c.source, c.index), [])
-            c.reward = (sum(got) / len(got) if got else 0.0) if c.valid else ev.format_penalty
-            if ev.extractor.train and ev.skill_mode == "extracted":
+            if c.valid:
+                c.measured = bool(got)
+                c.reward = sum(got) / len(got) if got else 0.0
+            else:
+                c.reward = ev.format_penalty
+            if ev.extractor.train and ev.skill_mode == "extracted" and c.measured:
                 samples.append(Sample(c.segment(), "extractor", f"x{step}/{c.source}", c.reward,
                                       episode=f"x{step}/{c.source}/{c.index}"))
         lap("rewards")
         persisted = self._persist(step, sources, src_eps, cands)
-        m = self._metrics(src_eps, cands, downstream, down_eps, timing)
-        m["skills_persisted"] = persisted
+        m = self._metrics(drawn_eps, cands, downstream, down_eps, timing)
+        m["extractor/skills_persisted"] = persisted
         return samples, m
 
     def _persist(self, step: int, sources, src_eps, cands: list[Candidate]) -> int:
         """Keep each source's best-scoring valid skills in the run's library, so a checkpoint
-        ships with a skill bank (library.persist_top per source; skills that helped only)."""
-        lib_cfg = self.t.cfg.library
-        if not lib_cfg.persist_top or not cands:
+        ships with a skill bank (library.persist_top per source; skills that helped only).
+
+        All candidates of one source share its task's embedding, so the library would merge
+        them and keep whichever came last. The bank keeps the skill with the higher measured
+        utility (extractor reward) instead: a weaker near-duplicate is not stored, a stronger
+        one retires the weaker record (kept for audit) and takes its place.
+        """
+        lib_cfg = self.cfg.library
+        if not lib_cfg.persist_top or not cands or self.library_path is None:
             return 0
-        if getattr(self, "library", None) is None:
+        if self.library is None:
             from evolving_rl.retrieval import make_embedder
             from evolving_rl.skills.library import SkillLibrary
 
-            path = lib_cfg.path or str(self.t.run_dir / "skills.sqlite")
-            self.library = SkillLibrary(path, lib_cfg.dedup_threshold)
-            self.embedder = make_embedder(self.t.cfg.retrieval.embedder)
+            self.library = SkillLibrary(self.library_path, lib_cfg.dedup_threshold)
+            self._embedder = make_embedder(self.cfg.retrieval.embedder)
         kept = 0
         for b, src in enumerate(sources):
-            best = sorted((c for c in cands if c.source == b and c.valid and c.reward > 0), key=lambda c: -c.reward)
+            best = sorted((c for c in cands if c.source == b and c.valid and c.measured and c.reward > 0),
+                          key=lambda c: -c.reward)
+            vec = None
             for c in best[: lib_cfg.persist_top]:
-                self.library.add(c.skill, c.card, self.embedder.embed([src.description])[0], {
-                    "source_task_id": src.id, "model": self.t.cfg.model.path, "step": step,
-                    "success": bool(src_eps[b].won), "extra": {"extractor_reward": c.reward}})
+                vec = self._embedder.embed([src.description])[0] if vec is None else vec
+                near = self.library.retrieve(vec, 1)
+                if near and near[0].similarity >= lib_cfg.dedup_threshold:
+                    if utility(near[0]) >= c.reward:
+                        continue
+                    self.library.retire(near[0].id, f"superseded at step {step} by a skill with higher measured "
+                                                    f"utility ({c.reward:.3f} > {utility(near[0]):.3f})")
+                self.library.add(c.skill, c.card, vec, {
+                    "source_task_id": src.id, "model": self.cfg.model.path, "step": step,
+                    "success": bool(src_eps[b].won), "extra": {"extractor_reward": c.reward}}, merge=False)
                 kept += 1
         return kept
 
-    def _card_for(self, cands: list[Candidate], b: int, n: int, n_sources: int) -> str | None:
+    def _card_for(self, cands: list[Candidate], b: int, n: int) -> str | None:
         """The card downstream episodes of (source b, skill n) see; None plays without a skill.
 
         An invalid candidate's episodes play without a skill: the solver group keeps its size
         and the extractor is scored 0 regardless.
         """
-        mode = self.t.cfg.evolving.skill_mode
+        mode = self.cfg.evolving.skill_mode
         if mode == "none" or not cands:
             return None
         if mode == "random":  # a valid skill from another source of this step (an unrelated task)
             others = [c for c in cands if c.source != b and c.valid]
             return self.rng.choice(others).card if others else None
-        c = cands[b * self.t.cfg.evolving.num_skills + n]
+        c = cands[b * self.cfg.evolving.num_skills + n]
         return c.card if c.valid else None
 
     def _metrics(self, src_eps, cands, downstream, down_eps, timing) -> dict:
         ok_src = [e for e in src_eps if not e.failed]
         ok_down = [e for e in down_eps if not e.failed]
         with_skill = [e for e in ok_down if e.skill_card]
-        rewards = [c.reward for c in cands]
+        scored = [c for c in cands if c.measured]
+        rewards = [c.reward for c in scored]
         reasons = Counter(r.split(":")[0] for c in cands for r in c.reasons)
         sims = [s for d in downstream for _, s in d]
         m = {
-            "episodes": len(src_eps) + len(down_eps),
-            "engine_failures": len(src_eps) + len(down_eps) - len(ok_src) - len(ok_down),
-            "source_success": sum(e.won for e in ok_src) / max(1, len(ok_src)),
-            "downstream_success": sum(e.won for e in ok_down) / max(1, len(ok_down)),
-            "downstream_success_with_skill": sum(e.won for e in with_skill) / max(1, len(with_skill)),
-            "reward_mean": sum(e.won for e in ok_down) / max(1, len(ok_down)),
-            "extractor_samples": len(cands),
-            "parse_rate": sum(c.skill is not None for c in cands) / max(1, len(cands)),
-            "valid_skill_rate": sum(c.valid for c in cands) / max(1, len(cands)),
-            "extractor_reward_mean": statistics.fmean(rewards) if rewards else 0.0,
-            "extractor_reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
-            "skill_chars_mean": statistics.fmean([len(c.card) for c in cands if c.card]) if any(c.card for c in cands) else 0.0,
-            "retrieval_similarity_mean": statistics.fmean(sims) if sims else 0.0,
-            "mean_steps": sum(e.steps for e in ok_down) / max(1, len(ok_down)),
+            "rollout/episodes": len(src_eps) + len(down_eps),
+            "rollout/engine_failures": len(src_eps) + len(down_eps) - len(ok_src) - len(ok_down),
+            "rollout/mean_steps": sum(e.steps for e in ok_down) / max(1, len(ok_down)),
+            "rollout/retrieval_similarity_mean": statistics.fmean(sims) if sims else 0.0,
+            "solver/source_success": sum(e.won for e in ok_src) / max(1, len(ok_src)),
+            "solver/success": sum(e.won for e in ok_down) / max(1, len(ok_down)),
+            "solver/success_with_skill": sum(e.won for e in with_skill) / max(1, len(with_skill)),
+            "extractor/samples": len(cands),
+            "extractor/unmeasured": len(cands) - len(scored),
+            "extractor/parse_rate": sum(c.skill is not None for c in cands) / max(1, len(cands)),
+            "extractor/valid_skill_rate": sum(c.valid for c in cands) / max(1, len(cands)),
+            "extractor/reward_mean": statistics.fmean(rewards) if rewards else 0.0,
+            "extractor/reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
+            "extractor/skill_chars_mean": statistics.fmean([len(c.card) for c in cands if c.card]) if any(c.card for c in cands) else 0.0,
             **timing,
         }
         for reason, count in reasons.items():
-            m[f"audit_fail_{reason}"] = count / max(1, len(cands))
+            m[f"extractor/audit_fail_{reason}"] = count / max(1, len(cands))
         return m
 
     def state_dict(self) -> dict:
@@ -178,3 +240,15 @@ class EvolvingStep:
     def load_state_dict(self, state: dict) -> None:
         if "rng" in state:
             self.rng.setstate(state["rng"])
+
+    def close(self) -> None:
+        if self.library is not None:
+            self.library.close()
+            self.library = None
+
+
+def utility(rec) -> float:
+    """A stored skill's measured utility: the extractor reward it earned when it was persisted."""
+    extra = rec.provenance.get("extra") if isinstance(rec.provenance, dict) else None
+    value = extra.get("extractor_reward") if isinstance(extra, dict) else None
+    return float(value) if isinstance(value, (int, float)) else float("-inf")
