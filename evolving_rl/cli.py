@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from evolving_rl.config import ConfigError, RunConfig, load_config
 
@@ -33,14 +34,16 @@ app.add_typer(model_app, name="model")
 app.add_typer(skills_app, name="skills")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
-console = Console()
+# User text (paths, overrides, config values, skill names) is printed literally: with rich
+# markup on, "[/x]" in an override crashed the error path and "[x]" silently vanished from it.
+console = Console(markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.")
 OverridesArg = typer.Argument(None, help="key=value overrides, e.g. train.steps=5 evolving.num_skills=4")
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False)
+    console.print(Text.assemble(("error:", "red"), " ", str(msg)))
     raise typer.Exit(2)
 
 
@@ -51,12 +54,22 @@ def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
         _fail(str(e))
 
 
+def _model_files(path: str | Path, field: str) -> None:
+    """Fail on an unloadable model directory before anything (run dir, eval output) is created."""
+    from evolving_rl.policy.files import ModelFilesError, check_model_dir
+
+    try:
+        check_model_dir(path, field)
+    except ModelFilesError as e:
+        _fail(str(e))
+
+
 def _progress(desc: str):
     """A rich progress bar driven by (done, total) callbacks."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    prog = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    prog = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
     task = prog.add_task(desc, total=None)
 
     def update(done: int, total: int) -> None:
@@ -178,6 +191,7 @@ def train(
     from evolving_rl.train import Trainer
 
     cfg = _config(config, overrides)
+    _model_files(cfg.model.path, "model.path")
     try:
         trainer = Trainer(cfg, resume=resume, console=console)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
@@ -207,8 +221,7 @@ def eval_cmd(
     for p in protocol or []:
         if p not in ("no_skill", "one_shot", "library"):
             _fail(f"--protocol: unknown protocol {p!r}; allowed: no_skill, one_shot, library")
-    if not Path(checkpoint).is_dir():
-        _fail(f"--checkpoint: no model directory at {checkpoint}")
+    _model_files(checkpoint, "--checkpoint")
     try:
         evaluate_checkpoint(cfg, checkpoint, out or cfg.run_dir, tag=tag, protocols=protocol or None,
                             skills=str(skills) if skills else None, learn=learn, console_print=console.print)
@@ -244,12 +257,16 @@ def skills_check(files: list[Path] = typer.Argument(..., help="Files of raw extr
     raise typer.Exit(0 if ok else 1)
 
 
-def _library(path: Path):
+def _library(path: Path, mode: str = "read"):
+    """An existing library; list/show/export open it read-only, so a wrong file is never changed."""
     from evolving_rl.skills.library import SkillLibrary
 
     if not path.is_file():
-        _fail(f"no skill library at {path}")
-    return SkillLibrary(path)
+        _fail(f"no skill library at {path}" + (" (that is a directory)" if path.is_dir() else ""))
+    try:
+        return SkillLibrary(path, mode=mode)
+    except ValueError as e:
+        _fail(str(e))
 
 
 @skills_app.command("list")
@@ -258,7 +275,11 @@ def skills_list(library: Path = typer.Argument(...), all: bool = typer.Option(Fa
     from rich.table import Table
 
     table = Table("id", "v", "uses", "success", "retired", "name", "source task")
-    for r in _library(library).list(include_retired=all):
+    try:
+        records = _library(library).list(include_retired=all)
+    except ValueError as e:
+        _fail(str(e))
+    for r in records:
         rate = r.success_rate
         table.add_row(str(r.id), str(r.version), str(r.uses), "-" if rate is None else f"{rate:.0%}",
                       r.retired_reason or ("yes" if r.retired else ""), r.name, str(r.provenance.get("source_task_id", "")))
@@ -271,7 +292,7 @@ def skills_show(library: Path = typer.Argument(...), skill_id: int = typer.Argum
     try:
         r = _library(library).get(skill_id)
     except KeyError as e:
-        _fail(str(e))
+        _fail(e.args[0])
     console.print(r.card, highlight=False, markup=False)
     console.print(json.dumps({k: v for k, v in r.to_dict().items() if k not in ("card", "embedding", "json")}, indent=1),
                   highlight=False, markup=False)
@@ -279,18 +300,22 @@ def skills_show(library: Path = typer.Argument(...), skill_id: int = typer.Argum
 
 @skills_app.command("export")
 def skills_export(library: Path = typer.Argument(...), out: Path = typer.Argument(..., help="JSONL file.")):
-    n = _library(library).export_jsonl(out)
+    try:
+        n = _library(library).export_jsonl(out)
+    except ValueError as e:
+        _fail(str(e))
     console.print(f"{n} skills -> {out}")
 
 
 @skills_app.command("import")
 def skills_import(library: Path = typer.Argument(..., help="Library file (created if missing)."),
                   src: Path = typer.Argument(..., help="JSONL from `skills export`.")):
-    from evolving_rl.skills.library import SkillLibrary
+    from evolving_rl.skills.library import SkillLibrary, read_export
 
     try:
-        ids = SkillLibrary(library).import_jsonl(src)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        records = read_export(src)  # checked before the library is opened: a bad file creates none
+        ids = SkillLibrary(library).import_records(records, str(src))
+    except ValueError as e:
         _fail(str(e))
     console.print(f"{len(ids)} skills imported into {library}")
 
@@ -300,9 +325,9 @@ def skills_retire(library: Path = typer.Argument(...), skill_id: int = typer.Arg
                   reason: str = typer.Option(..., "--reason")):
     """Stop retrieving a skill; it stays in the library for audit."""
     try:
-        _library(library).retire(skill_id, reason)
+        _library(library, mode="write").retire(skill_id, reason)
     except KeyError as e:
-        _fail(str(e))
+        _fail(e.args[0])
     console.print(f"retired {skill_id}")
 
 
@@ -320,6 +345,9 @@ def quickstart(
     from evolving_rl.train import Trainer
 
     cfg = _config(config, overrides)
+    if not Path(cfg.model.path).is_dir():  # checked before the games are generated: a failed start makes nothing
+        _fail(f"model.path: no model at {cfg.model.path}; build it with the recipe in configs/sft_tiny.yaml")
+    _model_files(cfg.model.path, "model.path")
     t0 = time.perf_counter()
     games = Path(cfg.env.games_dir)
     if not (games / "manifest.json").exists():
@@ -333,8 +361,6 @@ def quickstart(
         _print_manifest(manifest, games)
     else:
         console.print(f"[1/3] using the games in {games}")
-    if not Path(cfg.model.path).is_dir():
-        _fail(f"model.path: no model at {cfg.model.path}; build it with the recipe in configs/sft_tiny.yaml")
     run_dir = Path(cfg.run_dir)
     n = 2
     while (run_dir / "metrics.jsonl").exists():  # never overwrite an earlier run

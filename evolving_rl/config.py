@@ -351,6 +351,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty part in the key {key!r}; write section.field=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -375,9 +377,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p}" + (" (that is a directory)" if p.is_dir() else ""))
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise ConfigError(f"config file {p}: cannot read it ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}): pass a YAML config file, "
+                              "saved as UTF-8") from None
+        try:
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):

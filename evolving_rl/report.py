@@ -158,7 +158,7 @@ def _load(run_dir: Path) -> dict:
         try:
             from evolving_rl.skills.library import SkillLibrary
 
-            with SkillLibrary(lib) as sl:
+            with SkillLibrary(lib, mode="read") as sl:  # a foreign file must stay as it was
                 data["skills"] = sl.list(include_retired=True)
         except Exception as e:  # a corrupt or foreign file must not sink the whole report
             notes.append(f"skills.sqlite: not readable as a skill library ({e})")

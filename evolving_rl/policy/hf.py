@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from evolving_rl.config import ModelConfig
 from evolving_rl.policy.base import Generation
+from evolving_rl.policy.files import check_model_dir
 from evolving_rl.types import Segment
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -93,8 +94,7 @@ class HFPolicy:
         compact_fraction: float = 0.25,
     ) -> None:
         path = Path(cfg.path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there; expected a Hugging Face model directory")
+        check_model_dir(path)  # a corrupt or partial model directory: one message naming the file
         self.cfg = cfg
         self.device = torch.device(device)
         # Mixed precision: the weights keep `cfg.dtype` (float32 for training, so small updates

@@ -1,0 +1,265 @@
+"""Hostile input, run through the real command line: every case must exit non-zero with one
+message that names the field or file at fault, never a traceback, and must leave behind no
+output it did not finish (no empty run directory, no fresh library file).
+
+Each row is (id, setup, argv, names, leftovers): `setup(tmp)` writes the bad input and returns
+substitutions for the argv; `names` must all appear in the output (whitespace-normalised);
+`leftovers` are paths that must not exist afterwards. The cases are the fault classes of
+issue 15 (found by fault injection), plus their neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from evolving_rl.cli import app
+
+runner = CliRunner()
+DIM = 4
+
+
+def invoke(*args) -> tuple[int, str, BaseException | None]:
+    r = runner.invoke(app, [str(a) for a in args])
+    return r.exit_code, " ".join(r.output.split()), r.exception
+
+
+def assert_handled(code: int, out: str, exc: BaseException | None, names: list[str]) -> None:
+    # CliRunner catches what would have been a traceback into `exception`: that counts as a crash.
+    assert exc is None or isinstance(exc, SystemExit), f"crashed with {type(exc).__name__}: {exc}\n{out}"
+    assert code != 0, f"accepted: {out}"
+    assert "Traceback" not in out, out
+    for name in names:
+        assert name in out, f"{name!r} not named in: {out}"
+
+
+# -- builders of bad input ----------------------------------------------------------------
+
+
+def _write(name: str, data: bytes | str) -> Callable[[Path], dict]:
+    def setup(tmp: Path) -> dict:
+        p = tmp / name
+        p.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return {"FILE": p}
+    return setup
+
+
+def _library(tmp: Path, n: int = 1) -> Path:
+    from evolving_rl.skills.library import SkillLibrary
+
+    p = tmp / "lib.sqlite"
+    with SkillLibrary(p) as lib:
+        for i in range(n):
+            lib.add({"name": f"skill-{i}", "description": "d"}, f"# skill-{i}", np.eye(DIM)[i % DIM])
+    return p
+
+
+def _record(**change) -> dict:
+    rec = {"id": 1, "name": "heat-then-place", "card": "# heat-then-place\nHeat it, then place it.",
+           "skill": {"name": "heat-then-place", "description": "d"}, "embedding": [1.0, 0.0, 0.0, 0.0],
+           "provenance": {"source_task_id": "train/x"}, "history": [], "version": 1, "uses": 0, "successes": 0,
+           "created_at": 1.0, "updated_at": 1.0, "retired": False, "retired_reason": None}
+    rec.update(change)
+    return rec
+
+
+def _import(*records: dict, into_library: bool = True) -> Callable[[Path], dict]:
+    def setup(tmp: Path) -> dict:
+        src = tmp / "in.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return {"LIB": _library(tmp) if into_library else tmp / "new.sqlite", "SRC": src}
+    return setup
+
+
+def _foreign_sqlite(tmp: Path) -> dict:
+    p = tmp / "foreign.sqlite"
+    with sqlite3.connect(p) as db:
+        db.execute("CREATE TABLE people (name TEXT)")
+    return {"FILE": p}
+
+
+_PRISTINE: list[Path] = []  # one real tiny model per session, copied for each breakage
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pristine_model(tmp_path_factory):
+    from evolving_rl.config import TinyModelConfig
+    from evolving_rl.policy.tiny import build_tiny
+
+    out = tmp_path_factory.mktemp("pristine") / "model"
+    cfg = TinyModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32,
+                          max_position_embeddings=128)
+    build_tiny(["go to the fridge 1", "take the apple 1 from the table 1", "heat the apple 1"] * 20, cfg, out)
+    _PRISTINE[:] = [out]
+    yield
+
+
+def _model(tmp: Path, breakage: str) -> Path:
+    import shutil
+
+    out = tmp / "model"
+    shutil.copytree(_PRISTINE[0], out)
+    if breakage == "config":
+        (out / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    elif breakage == "tokenizer":
+        (out / "tokenizer.json").unlink()
+    elif breakage == "weights":
+        data = (out / "model.safetensors").read_bytes()
+        (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return out
+
+
+def _model_case(breakage: str) -> Callable[[Path], dict]:
+    def setup(tmp: Path) -> dict:
+        return {"MODEL": _model(tmp, breakage)}
+    return setup
+
+
+def _none(tmp: Path) -> dict:
+    return {}
+
+
+CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]] = [
+    # brackets in user text are printed, not read as rich markup
+    ("markup-closing-tag", _write("c.yaml", "train:\n  steps: 3\n"), ["config", "show", "-c", "FILE", "train.steps=[/x]"],
+     ["train.steps", "[/x]"], []),
+    ("markup-vanishing-brackets", _none, ["config", "show", "eval.splits=[x]"], ["eval.splits", "eval.splits=[x]"], []),
+    ("markup-in-config-path", _none, ["config", "show", "-c", "TMP/[bold]c[/bold].yaml"], ["[bold]c[/bold].yaml"], []),
+    ("markup-in-skill-file", _none, ["skills", "check", "TMP/[red]x[/].txt"], ["[red]x[/].txt"], []),
+    # config files that are not YAML text
+    ("config-binary", _write("c.yaml", b"\x00\x01\xff\xfe\x80binary"), ["config", "show", "-c", "FILE"],
+     ["c.yaml", "UTF-8"], []),
+    ("config-latin1", _write("c.yaml", "train:\n  steps: 3  # caf\xe9\n".encode("latin-1")),
+     ["config", "show", "-c", "FILE"], ["c.yaml", "UTF-8"], []),
+    ("config-nul", _write("c.yaml", b"train:\n  steps: 3\x00\n"), ["config", "show", "-c", "FILE"], ["c.yaml"], []),
+    ("config-is-directory", _none, ["config", "show", "-c", "TMP"], ["directory"], []),
+    ("config-top-level-list", _write("c.yaml", "- a\n- b\n"), ["config", "show", "-c", "FILE"], ["c.yaml", "mapping"], []),
+    ("config-section-is-scalar", _write("c.yaml", "train: 5\n"), ["config", "show", "-c", "FILE"], ["train"], []),
+    ("override-empty-key-part", _none, ["config", "show", "train..steps=1"], ["train..steps"], []),
+    ("override-no-equals", _none, ["config", "show", "train.steps"], ["train.steps", "key=value"], []),
+    ("override-value-into-scalar", _none, ["config", "show", "train.steps=1", "train.steps.x=2"], ["train.steps"], []),
+    # model directories transformers cannot load: name the file before any output is created
+    ("model-corrupt-config-json", _model_case("config"), ["eval", "--checkpoint", "MODEL", "--out", "TMP/out"],
+     ["config.json", "not valid JSON"], ["TMP/out"]),
+    ("model-missing-tokenizer", _model_case("tokenizer"), ["eval", "--checkpoint", "MODEL", "--out", "TMP/out"],
+     ["tokenizer"], ["TMP/out"]),
+    ("model-truncated-safetensors", _model_case("weights"), ["eval", "--checkpoint", "MODEL", "--out", "TMP/out"],
+     ["model.safetensors", "truncated"], ["TMP/out"]),
+    ("train-model-truncated", _model_case("weights"), ["train", "model.path=MODEL", "run_dir=TMP/run"],
+     ["model.safetensors"], ["TMP/run"]),
+    # skills import: records that would make the library unusable or lie about their content
+    ("import-wrong-dimension", _import(_record(embedding=[1.0, 0.0, 0.0])), ["skills", "import", "LIB", "SRC"],
+     ["in.jsonl:1", "embedding", "dimension"], []),
+    ("import-mixed-dimensions", _import(_record(), _record(id=2, embedding=[1.0, 0.0])),
+     ["skills", "import", "TMP/new.sqlite", "SRC"], ["in.jsonl:2", "embedding"], ["TMP/new.sqlite"]),
+    ("import-retired-reason-object", _import(_record(retired_reason={})), ["skills", "import", "LIB", "SRC"],
+     ["in.jsonl:1", "retired_reason"], []),
+    ("import-huge-id", _import(_record(id=2**70)), ["skills", "import", "LIB", "SRC"], ["in.jsonl:1", "id"], []),
+    ("import-card-null", _import(_record(card=None)), ["skills", "import", "LIB", "SRC"], ["in.jsonl:1", "card"], []),
+    ("import-name-list", _import(_record(name=["a"])), ["skills", "import", "LIB", "SRC"], ["in.jsonl:1", "name"], []),
+    ("import-retired-string", _import(_record(retired="no")), ["skills", "import", "LIB", "SRC"],
+     ["in.jsonl:1", "retired"], []),
+    ("import-uses-fraction", _import(_record(uses=1.5)), ["skills", "import", "LIB", "SRC"], ["in.jsonl:1", "uses"], []),
+    ("import-successes-above-uses", _import(_record(uses=1, successes=3)), ["skills", "import", "LIB", "SRC"],
+     ["in.jsonl:1", "successes"], []),
+    ("import-provenance-list", _import(_record(provenance=[1])), ["skills", "import", "LIB", "SRC"],
+     ["in.jsonl:1", "provenance"], []),
+    ("import-created-nan", _import(_record(created_at="nan")), ["skills", "import", "LIB", "SRC"],
+     ["in.jsonl:1", "created_at"], []),
+    ("import-line-not-object", _import(_record(), into_library=False), ["skills", "import", "LIB", "TMP/list.jsonl"],
+     ["list.jsonl"], ["TMP/new.sqlite"]),
+    ("import-non-utf8", _write("in.jsonl", b'{"id": 1, "name": "\xff"}\n'),
+     ["skills", "import", "TMP/new.sqlite", "FILE"], ["in.jsonl", "UTF-8"], ["TMP/new.sqlite"]),
+    ("import-missing-source", _none, ["skills", "import", "TMP/new.sqlite", "TMP/nope.jsonl"], ["nope.jsonl"],
+     ["TMP/new.sqlite"]),
+    ("import-into-text-file", _import(_record()), ["skills", "import", "SRC", "SRC"], ["in.jsonl"], []),
+    ("import-into-directory", _import(_record()), ["skills", "import", "TMP", "SRC"], ["directory"], []),
+    # skill library commands on files that are not libraries
+    ("list-text-file", _write("notes.sqlite", "just some notes\n" * 50), ["skills", "list", "FILE"],
+     ["notes.sqlite", "skill library"], []),
+    ("list-foreign-sqlite", _foreign_sqlite, ["skills", "list", "FILE"], ["foreign.sqlite", "skill library"], []),
+    ("list-empty-file", _write("empty.sqlite", b""), ["skills", "list", "FILE"], ["empty.sqlite", "empty"], []),
+    ("export-empty-file", _write("empty.sqlite", b""), ["skills", "export", "FILE", "TMP/out.jsonl"],
+     ["empty.sqlite"], ["TMP/out.jsonl"]),
+    ("export-foreign-sqlite", _foreign_sqlite, ["skills", "export", "FILE", "TMP/out.jsonl"], ["foreign.sqlite"],
+     ["TMP/out.jsonl"]),
+    ("export-to-directory", lambda t: {"LIB": _library(t)}, ["skills", "export", "LIB", "TMP"], ["directory"], []),
+    ("export-under-a-file", lambda t: {"LIB": _library(t)}, ["skills", "export", "LIB", "LIB/out.jsonl"],
+     ["lib.sqlite"], []),
+    ("show-huge-id", lambda t: {"LIB": _library(t)}, ["skills", "show", "LIB", str(2**70)], ["skill", str(2**70)], []),
+    ("show-on-foreign-sqlite", _foreign_sqlite, ["skills", "show", "FILE", "1"], ["foreign.sqlite"], []),
+    ("retire-huge-id", lambda t: {"LIB": _library(t)}, ["skills", "retire", "LIB", str(2**70), "--reason", "x"],
+     [str(2**70)], []),
+    ("skills-check-directory", _none, ["skills", "check", "TMP"], ["no such file"], []),
+    ("skills-check-binary", _write("raw.txt", b"\xff\xfe\x00garbage"), ["skills", "check", "FILE"], ["raw.txt"], []),
+    # report
+    ("report-on-a-file", _write("run.txt", "x"), ["report", "FILE"], ["run.txt"], []),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_is_named_not_a_traceback(case, tmp_path):
+    _, setup, argv, names, leftovers = case
+    subs = {"TMP": str(tmp_path), **{k: str(v) for k, v in setup(tmp_path).items()}}
+    if "TMP/list.jsonl" in argv:
+        (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+
+    def sub(text: str) -> str:
+        for key in sorted(subs, key=len, reverse=True):  # MODEL before ..., FILE before ...
+            text = text.replace(key, subs[key])
+        return text
+
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, out, exc = invoke(*map(sub, argv))
+    assert_handled(code, out, exc, [sub(n) for n in names])
+    for left in leftovers:
+        assert not Path(sub(left)).exists(), f"left behind: {sub(left)}"
+    # a failed command changes no input file (a foreign SQLite file stays as it was, an empty file stays empty)
+    changed = [str(p) for p, data in before.items() if not p.exists() or p.read_bytes() != data]
+    assert not changed, f"changed: {changed}"
+
+
+def test_report_reads_a_foreign_sqlite_file_without_changing_it(tmp_path):
+    """`report` opens skills.sqlite read-only: a foreign file gets no tables and no switch to WAL."""
+    _foreign_sqlite(tmp_path)
+    (tmp_path / "foreign.sqlite").rename(tmp_path / "skills.sqlite")
+    before = (tmp_path / "skills.sqlite").read_bytes()
+    code, out, exc = invoke("report", tmp_path)
+    assert code == 0 and exc is None, out
+    assert (tmp_path / "skills.sqlite").read_bytes() == before
+    assert not (tmp_path / "skills.sqlite-wal").exists()
+    with sqlite3.connect(tmp_path / "skills.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["people"]
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "skills.sqlite: not readable as a skill library" in page and "people" in page
+
+
+def test_model_files_are_checked_where_the_policy_loads(tmp_path):
+    """HFPolicy itself names the broken file (the CLI's early check is a second line, not the only one)."""
+    from evolving_rl.config import ModelConfig
+    from evolving_rl.policy.files import ModelFilesError, check_model_dir
+    from evolving_rl.policy.hf import HFPolicy
+
+    good = _model(tmp_path / "good", "none")
+    check_model_dir(good)  # a loadable directory passes
+    assert HFPolicy(ModelConfig(path=str(good))).vocab_size > 0
+    for breakage, name in (("config", "config.json"), ("tokenizer", "tokenizer"), ("weights", "model.safetensors")):
+        broken = _model(tmp_path / breakage, breakage)
+        with pytest.raises(ModelFilesError, match=f"model.path=.*{name}"):
+            HFPolicy(ModelConfig(path=str(broken)))
+    # sharded weights: a missing shard is named
+    sharded = _model(tmp_path / "sharded", "none")
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ModelFilesError, match="model-00002-of-00002.safetensors"):
+        check_model_dir(sharded)
+    with pytest.raises(FileNotFoundError, match="no model directory"):  # still a FileNotFoundError for old callers
+        check_model_dir(tmp_path / "nowhere")
