@@ -4,6 +4,16 @@ Every live episode (different tasks, different skills, different prompts) contri
 prompt to a single `policy.generate` call per turn; env steps for all of them go to the
 worker pool in one call, which fans out to the engine processes. Finished episodes free
 their slot for the next queued job, so the batch stays full.
+
+What is trained is exactly what was sampled from. A prompt longer than the cap
+(`rollout.max_prompt_tokens`, and the model's context less the reply) is never cut from the
+left, which would drop the system prompt and skill card first and train the reply on a
+context it was not sampled from. Instead a multi-turn episode drops its oldest turns, keeping
+the system prompt, skill card, task and first observation (the "head"): the sequence so far
+is closed as one segment, and the episode continues in a new one that starts from the head
+and the turns kept (as context: their replies were trained in the closed segment). A
+per-step prompt shows fewer past steps. When even that cannot fit, the episode ends there,
+as at max_steps, and `stats["context_full"]` counts it.
 """
 
 from __future__ import annotations
@@ -33,9 +43,13 @@ class _Live:
     slot: int
     episode: Episode
     last: StepResult
-    ids: list[int] = field(default_factory=list)  # multi_turn: the growing sequence
+    ids: list[int] = field(default_factory=list)  # multi_turn: the growing sequence (current segment)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
+    head: int = 0  # multi_turn: ids[:head] is the first prompt (system, card, task, first observation)
+    turn_starts: list[int] = field(default_factory=list)  # multi_turn: where each reply starts in ids
+    closed: list[Segment] = field(default_factory=list)  # multi_turn: segments closed by dropping turns
+    context_full: bool = False
     started: float = 0.0
 
 
@@ -49,41 +63,80 @@ class Rollout:
         self.cfg = cfg
         self.max_steps = max_steps
         self._action_ids = prompts.action_encoder(policy)
-        self.stats: dict[str, float] = {"policy_s": 0.0, "env_s": 0.0, "generated_tokens": 0, "prompt_tokens": 0}
+        self.stats: dict[str, float] = {
+            "policy_s": 0.0, "env_s": 0.0, "generated_tokens": 0, "prompt_tokens": 0, "context_full": 0,
+            "dropped_turns": 0,
+        }
+        context = policy.max_context_tokens
+        if cfg.max_prompt_tokens > context:
+            raise ValueError(
+                f"rollout.max_prompt_tokens={cfg.max_prompt_tokens} is above the model's context "
+                f"(max_position_embeddings={context}); set rollout.max_prompt_tokens to at most {context}"
+            )
+        if cfg.constrain_to_admissible and cfg.prompt_format == "multi_turn":
+            raise ValueError(
+                "rollout.constrain_to_admissible: true works only with rollout.prompt_format: per_step "
+                "(a multi_turn segment holds many constrained replies; scoring re-masks one)"
+            )
+        self._cap = cfg.max_prompt_tokens  # set per run from the reply length (see `run`)
 
     # -- prompts --------------------------------------------------------------------------
 
-    def _prompt(self, live: _Live) -> list[int]:
+    def _prompt(self, live: _Live) -> list[int] | None:
+        """The ids to sample this turn from (all within the cap), or None when the context is full."""
         ep, last = live.episode, live.last
         if self.cfg.prompt_format == "per_step":
-            msgs = prompts.per_step_messages(
-                ep.task.description,
-                ep.turns,
-                last.observation,
-                last.admissible,
-                skill_card=live.job.skill_card,
-                env=ep.task.env,
-                history=self.cfg.history,
-                use_state_line=self.cfg.state_line,
-                reasoning=self.cfg.reasoning,
-                step=len(ep.turns) + 1,
-                max_steps=self.max_steps,
-                list_admissible=self.cfg.list_admissible,
-            )
-            ids = self.policy.encode_chat(msgs)
-        else:
-            if not live.ids:
-                msgs = prompts.multi_turn_first_messages(
-                    ep.task.description, last.observation, last.admissible,
-                    skill_card=live.job.skill_card, reasoning=self.cfg.reasoning, env=ep.task.env,
+            for history in range(self.cfg.history, -1, -1):  # fewer past steps until it fits
+                msgs = prompts.per_step_messages(
+                    ep.task.description,
+                    ep.turns,
+                    last.observation,
+                    last.admissible,
+                    skill_card=live.job.skill_card,
+                    env=ep.task.env,
+                    history=history,
+                    use_state_line=self.cfg.state_line,
+                    reasoning=self.cfg.reasoning,
+                    step=len(ep.turns) + 1,
+                    max_steps=self.max_steps,
+                    list_admissible=self.cfg.list_admissible,
                 )
-                live.ids = self.policy.encode_chat(msgs)
-                live.logprobs = [0.0] * len(live.ids)
-                live.mask = [0] * len(live.ids)
-            ids = live.ids
-        if len(ids) > self.cfg.max_prompt_tokens:
-            ids = ids[-self.cfg.max_prompt_tokens :]
-        return ids
+                ids = self.policy.encode_chat(msgs)
+                if len(ids) <= self._cap:
+                    return ids
+            return None
+        if not live.ids:
+            msgs = prompts.multi_turn_first_messages(
+                ep.task.description, last.observation, last.admissible,
+                skill_card=live.job.skill_card, reasoning=self.cfg.reasoning, env=ep.task.env,
+            )
+            live.ids = self.policy.encode_chat(msgs)
+            live.logprobs = [0.0] * len(live.ids)
+            live.mask = [0] * len(live.ids)
+            live.head = len(live.ids)
+        if len(live.ids) > self._cap and not self._drop_oldest_turns(live):
+            return None
+        return live.ids
+
+    def _drop_oldest_turns(self, lv: _Live) -> bool:
+        """multi_turn: close the sequence so far as a segment and continue from the head plus the
+        most recent turns that fit under the cap; False when not even the last turn fits."""
+        keep_from = next(
+            (k for k, start in enumerate(lv.turn_starts) if lv.head + len(lv.ids) - start <= self._cap), None
+        )
+        if keep_from is None or keep_from == 0:  # keep_from 0 would mean it already fitted
+            return False
+        if any(lv.mask):
+            lv.closed.append(_sampled_part(lv))
+        start = lv.turn_starts[keep_from]
+        tail = lv.ids[start:]
+        lv.ids = lv.ids[: lv.head] + tail
+        # Context only: the kept replies were trained, with their own context, in the closed segment.
+        lv.logprobs = [0.0] * len(lv.ids)
+        lv.mask = [0] * len(lv.ids)
+        lv.turn_starts = [lv.head + t - start for t in lv.turn_starts[keep_from:]]
+        self.stats["dropped_turns"] += keep_from
+        return True
 
     def _allowed(self, live: _Live) -> list[list[int]] | None:
         adm = live.last.admissible
@@ -92,20 +145,10 @@ class Rollout:
         return [self._action_ids(a) for a in adm]
 
     def _env_turn_ids(self, live: _Live, step: int) -> list[int]:
-        """multi_turn: the tokens that close the assistant turn and open the next user turn.
-
-        Rendered from the chat template around a sentinel so any model's template works
-        and the sampled ids before it are never re-tokenised.
-        """
-        sentinel = "\x00SENTINEL\x00"
-        msgs = [
-            {"role": "system", "content": "s"},
-            {"role": "user", "content": "u"},
-            {"role": "assistant", "content": sentinel},
-            prompts.multi_turn_env_message(step, live.last.observation, live.last.admissible),
-        ]
-        text = self.policy.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return self.policy.encode_text(text.split(sentinel, 1)[1])
+        """multi_turn: the tokens that close the assistant turn and open the next user turn."""
+        return self.policy.encode_next_turn(
+            [prompts.multi_turn_env_message(step, live.last.observation, live.last.admissible)]
+        )
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -115,14 +158,30 @@ class Rollout:
         queue = list(range(len(jobs)))
         live: dict[int, _Live] = {}  # job index -> live episode
         free_slots = list(range(min(self.cfg.batch_size, len(jobs))))[::-1]
+        # prompt + reply must fit the model's context
+        self._cap = min(self.cfg.max_prompt_tokens, self.policy.max_context_tokens - sampling.max_new_tokens)
+        if self._cap < 1:
+            raise ValueError(
+                f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the model's context "
+                f"({self.policy.max_context_tokens} tokens); lower rollout.solver.max_new_tokens"
+            )
         turn = 0
         while queue or live:
             self._start(jobs, queue, live, free_slots, results)
             if not live:
                 continue
-            order = list(live)
             t0 = time.perf_counter()
-            prompt_ids = [self._prompt(live[j]) for j in order]
+            built = {j: self._prompt(live[j]) for j in list(live)}
+            for j, ids in built.items():
+                if ids is None:  # the context is full: the episode ends here, as at max_steps
+                    lv = live.pop(j)
+                    lv.context_full = True
+                    self.stats["context_full"] += 1
+                    self._finish(lv, results, j, free_slots)
+            order = list(live)
+            if not order:
+                continue
+            prompt_ids = [built[j] for j in order]
             allowed = [self._allowed(live[j]) for j in order]
             gens = self.policy.generate(
                 prompt_ids,
@@ -202,6 +261,7 @@ class Rollout:
                 )
             )
         else:
+            lv.turn_starts.append(len(lv.ids))
             lv.ids += g.token_ids
             lv.logprobs += g.logprobs
             lv.mask += [1] * len(g.token_ids)
@@ -226,9 +286,17 @@ class Rollout:
         ep = lv.episode
         ep.final_observation = lv.last.observation
         ep.info = dict(lv.last.info)
+        if lv.context_full:
+            ep.info["context_full"] = True
         if self.cfg.prompt_format == "multi_turn" and lv.ids:
-            ep.segments = [Segment(lv.ids, lv.logprobs, lv.mask)]
+            ep.segments = [*lv.closed, *([_sampled_part(lv)] if any(lv.mask) else [])]
         ep.timing["wall_s"] = time.perf_counter() - lv.started
         self.pool.release([lv.slot])
         free_slots.append(lv.slot)
         results[j] = ep
+
+
+def _sampled_part(lv: _Live) -> Segment:
+    """multi_turn: the sequence up to its last reply; the env turn after it was never sampled from."""
+    end = len(lv.mask) - lv.mask[::-1].index(1)
+    return Segment(lv.ids[:end], lv.logprobs[:end], lv.mask[:end])

@@ -95,3 +95,46 @@ def test_multi_turn_masks_observations(games_dir, tiny_model, make_config, tmp_p
             lp, _ = policy.score([seg])[0]
         gen = torch.tensor(seg.loss_mask, dtype=torch.bool)
         assert torch.allclose(lp[gen], torch.tensor(seg.logprobs)[gen], atol=1e-4)
+
+
+def test_multi_turn_over_the_cap_trains_on_exactly_the_sampled_context(games_dir, tiny_model, make_config, tmp_path):
+    """Issue 15, defect 2: the prompt was cut from the left for sampling (dropping the system
+    prompt and skill card first) while the full sequence was stored and trained, 3.45 nats off.
+    Now the oldest turns are dropped, the head kept, and each segment is what was sampled from."""
+    from evolving_rl import prompts
+    from evolving_rl.rollout import Job
+
+    card = "# Skill: find then take\n1. go to each receptacle in turn\n2. take the object"
+    cfg, policy, pool, rollout, tasks = _rollout(
+        games_dir, tiny_model, make_config, tmp_path, "env.max_steps=8",
+        "rollout.prompt_format=multi_turn", "rollout.constrain_to_admissible=false", "rollout.solver.max_new_tokens=12",
+    )
+    try:
+        firsts = pool.reset([(0, tasks[0]), (1, tasks[1])])
+        pool.release([0, 1])
+        heads = [len(policy.encode_chat(prompts.multi_turn_first_messages(
+            t.description, firsts[k].observation, firsts[k].admissible, skill_card=card, reasoning=False)))
+            for k, t in enumerate(tasks[:2])]
+        cap = max(heads) + 60  # the head and a turn or so, never eight turns
+        rollout.cfg = cfg.rollout.model_copy(update={"max_prompt_tokens": cap})
+        eps = rollout.run([Job(t, card) for t in tasks[:2]], cfg.rollout.solver, seed=3)
+    finally:
+        pool.close()
+    assert rollout.stats["dropped_turns"] > 0 and max(len(ep.segments) for ep in eps) > 1, (rollout.stats, heads)
+    worst = 0.0
+    for ep in eps:
+        assert sum(s.num_generated for s in ep.segments) > 0
+        for seg in ep.segments:
+            assert len(seg.token_ids) <= cap + cfg.rollout.solver.max_new_tokens
+            assert "find then take" in policy.decode(seg.token_ids)  # the card is never dropped
+            with torch.no_grad():
+                lp, _ = policy.score([seg])[0]
+            gen = torch.tensor(seg.loss_mask, dtype=torch.bool)
+            worst = max(worst, float((lp[gen] - torch.tensor(seg.logprobs)[gen]).abs().max()))
+    print(f"max |score - sampling log-prob| under a {cap}-token cap: {worst:.2e} nats; {rollout.stats}")
+    assert worst < 1e-4
+
+
+def test_prompt_cap_above_the_model_context_is_refused(games_dir, tiny_model, make_config, tmp_path):
+    with pytest.raises(ValueError, match=r"rollout\.max_prompt_tokens=4096.*max_position_embeddings=2048"):
+        _rollout(games_dir, tiny_model, make_config, tmp_path, "rollout.max_prompt_tokens=4096")
