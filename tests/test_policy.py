@@ -433,3 +433,18 @@ def test_bf16_weights_are_refused_and_fp32_master_weights_learn_at_lr_1e_6(model
     bf16_share = share_changed(bf16, bf16_step)
     print(f"weights changed after 3 steps at lr 1e-6: fp32 master + bf16 autocast {fp32_share:.2%}, bf16 {bf16_share:.2%}")
     assert fp32_share > 0.9 and bf16_share < 0.1
+
+
+def test_declared_transformers_range_is_the_tested_one():
+    """Issue 15, defect 8: `transformers>=4.56` admitted 4.x, where `score`'s 2-D logits_to_keep crashes."""
+    import tomllib
+    from pathlib import Path
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    deps = [Requirement(d) for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
+    (req,) = [r for r in deps if r.name == "transformers"]
+    assert req.specifier.contains(transformers.__version__), (str(req), transformers.__version__)
+    assert not req.specifier.contains("4.57.0") and not req.specifier.contains("6.0.0")
