@@ -298,8 +298,32 @@ def skills_show(library: Path = typer.Argument(...), skill_id: int = typer.Argum
                   highlight=False, markup=False)
 
 
+SKILL_FORMATS = ("jsonl", "agent-skills")
+FormatOpt = typer.Option("jsonl", "--format", help="jsonl: this project's exact records; agent-skills: one "
+                         "<name>/SKILL.md folder per promoted skill, the format other agents load.")
+
+
+def _format(fmt: str) -> str:
+    if fmt not in SKILL_FORMATS:
+        _fail(f"--format: unknown format {fmt!r}; allowed: {', '.join(SKILL_FORMATS)}")
+    return fmt
+
+
 @skills_app.command("export")
-def skills_export(library: Path = typer.Argument(...), out: Path = typer.Argument(..., help="JSONL file.")):
+def skills_export(library: Path = typer.Argument(...),
+                  out: Path = typer.Argument(..., help="JSONL file, or a new folder for --format agent-skills."),
+                  fmt: str = FormatOpt):
+    if _format(fmt) == "agent-skills":
+        from evolving_rl.skills.agent_skills import export_agent_skills
+
+        try:
+            res = export_agent_skills(_library(library), out)
+        except (ValueError, OSError) as e:
+            _fail(str(e))
+        for m in res.messages:
+            console.print(m)
+        console.print(f"{len(res.exported)} skills -> {out} ({len(res.skipped)} skipped)")
+        return
     try:
         n = _library(library).export_jsonl(out)
     except ValueError as e:
@@ -309,15 +333,45 @@ def skills_export(library: Path = typer.Argument(...), out: Path = typer.Argumen
 
 @skills_app.command("import")
 def skills_import(library: Path = typer.Argument(..., help="Library file (created if missing)."),
-                  src: Path = typer.Argument(..., help="JSONL from `skills export`.")):
+                  src: Path = typer.Argument(..., help="JSONL from `skills export`, or a folder of Agent Skills."),
+                  fmt: str = FormatOpt):
     from evolving_rl.skills.library import SkillLibrary, read_export
 
+    if _format(fmt) == "agent-skills":
+        from evolving_rl.skills.agent_skills import import_agent_skills
+
+        try:
+            res = import_agent_skills(SkillLibrary(library, mode="create"), src)
+        except (ValueError, OSError) as e:
+            _fail(str(e))
+        for m in res.messages:
+            console.print(m)
+        console.print(f"{len(res.restored)} skills restored exactly and {len(res.added)} added into {library}")
+        raise typer.Exit(1 if any(m.startswith("skipped") for m in res.messages) else 0)
     try:
         records = read_export(src)  # checked before the library is opened: a bad file creates none
         ids = SkillLibrary(library).import_records(records, str(src))
     except ValueError as e:
         _fail(str(e))
     console.print(f"{len(ids)} skills imported into {library}")
+
+
+@skills_app.command("mcp")
+def skills_mcp(library: Path = typer.Argument(..., help="The skill library to serve."),
+               transport: str = typer.Option("stdio", "--transport", help="stdio (launched by an agent) or http."),
+               host: str = typer.Option("127.0.0.1", "--host", help="http: listen address (localhost only by default)."),
+               port: int = typer.Option(8765, "--port", min=1, max=65535, help="http: port; the endpoint is /mcp.")):
+    """Serve the library's promoted skills over MCP (list, search by task text, read one). Read-only
+    unless $EVOLVING_RL_ADMIN_TOKEN is set, which adds an admin `retire_skill` tool needing it."""
+    from evolving_rl.skills.mcp_server import serve as serve_mcp
+
+    if transport not in ("stdio", "http"):
+        _fail(f"--transport: unknown transport {transport!r}; allowed: stdio, http")
+    _library(library).close()  # a missing or foreign file fails here, before the protocol starts
+    try:
+        serve_mcp(library, transport=transport, host=host, port=port)
+    except (ImportError, ValueError) as e:
+        _fail(str(e))
 
 
 @skills_app.command("retire")
