@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from evolving_rl.builders import build_pool, build_suite
 from evolving_rl.config import RunConfig
-from evolving_rl.envs.base import make_suite
-from evolving_rl.envs.workers import EnvPool
+from evolving_rl.envs.pool import Pool
 from evolving_rl.types import StepResult, Task
 
 SLOTS_PER_WORKER = 4  # live episodes per engine process: keeps every worker busy between calls
@@ -40,12 +40,9 @@ def write_demos(
     crashed twice (EnvPool gave up on it) is not the expert's play, so it is counted in
     `failed` and not written; an env that raises (a corrupt task) stops the run, naming it.
     """
-    from evolving_rl.train import env_options
-
     if max_tasks is not None and max_tasks < 1:
         raise ValueError(f"max_tasks must be >= 1, got {max_tasks}")
-    options = env_options(cfg)
-    suite = make_suite(cfg.env.name, options)
+    suite = build_suite(cfg)
     tasks = suite.tasks(split)[:max_tasks]
     if not tasks:
         raise ValueError(f"{cfg.env.name}: split {split!r} has no tasks")
@@ -58,7 +55,7 @@ def write_demos(
     stats = {"episodes": 0, "won": 0, "failed": 0, "steps": 0}
     live = SLOTS_PER_WORKER * max(1, cfg.env.num_workers)
     partial = out.with_name(out.name + ".partial")  # a run that stops midway leaves no short demo file
-    with EnvPool(cfg.env.name, options, cfg.env.num_workers, cfg.env.step_timeout_s) as pool, partial.open("w") as f:
+    with build_pool(cfg) as pool, partial.open("w") as f:
         for i, record in enumerate(expert_episodes(pool, tasks, cfg.env.max_steps, live), 1):
             if record.pop("error", None):
                 stats["failed"] += 1
@@ -73,7 +70,7 @@ def write_demos(
     return {**stats, "wall_s": time.perf_counter() - t0, "path": str(out)}
 
 
-def expert_episodes(pool: EnvPool, tasks: list[Task], max_steps: int, live: int) -> Iterator[dict]:
+def expert_episodes(pool: Pool, tasks: list[Task], max_steps: int, live: int) -> Iterator[dict]:
     """Yield one demo record per task, in `tasks` order, playing up to `live` at once.
 
     A record carries "error" when the pool gave up on its episode. Records that finish early

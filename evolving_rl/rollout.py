@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from evolving_rl import prompts
 from evolving_rl.config import RolloutConfig, SamplingConfig
-from evolving_rl.envs.workers import EnvCallError, EnvPool
+from evolving_rl.envs.pool import Pool, answers_per_slot
 from evolving_rl.policy.base import Generation, Policy
 from evolving_rl.types import Episode, Segment, StepResult, Task, Turn
 
@@ -56,7 +56,7 @@ class _Live:
 class Rollout:
     """Plays jobs with a policy through an EnvPool. Holds no state between `run` calls."""
 
-    def __init__(self, policy: Policy, pool: EnvPool, cfg: RolloutConfig, max_steps: int, *, label_expert: bool = False):
+    def __init__(self, policy: Policy, pool: Pool, cfg: RolloutConfig, max_steps: int, *, label_expert: bool = False):
         self.policy = policy
         self.label_expert = label_expert  # DAgger: record the expert's action for every state visited
         self.pool = pool
@@ -236,13 +236,7 @@ class Rollout:
     @staticmethod
     def _call(fn, requests: list) -> dict[int, StepResult]:
         """A task the engine cannot play (corrupt game) fails its episode, not the whole batch."""
-        try:
-            return fn(requests)
-        except EnvCallError as e:
-            results = dict(e.results or {})
-            for slot, _ in requests:
-                results.setdefault(slot, StepResult("", None, done=True, info={"error": str(e)}))
-            return results
+        return answers_per_slot(fn, requests)
 
     def _record_generation(self, lv: _Live, prompt_ids: list[int], allowed, g: Generation) -> str:
         action, well_formed = prompts.parse_action(g.text)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from evolving_rl.envs.base import Env, EnvError, lookup, make_env
+from evolving_rl.envs.base import Env, lookup, make_env
+from evolving_rl.envs.pool import PoolError
 from evolving_rl.types import StepResult, Task
 
 # One unit of work for a worker: (kind, slot, argument). Kinds: reset (Task), step (action),
@@ -34,13 +35,7 @@ from evolving_rl.types import StepResult, Task
 Op = tuple[str, int, Any]
 
 
-class EnvCallError(EnvError):
-    """An env raised inside the pool. Names the slot and task; `results` holds what the call's
-    other slots returned, so a caller can keep them; `worker_traceback` is the env's traceback."""
-
-    def __init__(self, message: str, slot: int, task: Task | None, results: dict, worker_traceback: str = ""):
-        super().__init__(message)
-        self.slot, self.task, self.results, self.worker_traceback = slot, task, results, worker_traceback
+EnvCallError = PoolError  # the Pool contract's error (envs/pool.py), under the name this module always used
 
 
 class _EnvHost:
