@@ -9,6 +9,7 @@ rollout fails that one episode, not the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from evolving_rl.envs.base import EnvError
@@ -22,6 +23,19 @@ class PoolError(EnvError):
     def __init__(self, message: str, slot: int, task: Task | None, results: dict, worker_traceback: str = ""):
         super().__init__(message)
         self.slot, self.task, self.results, self.worker_traceback = slot, task, results, worker_traceback
+
+
+def answers_per_slot(call: Callable[[list], dict[int, Any]], requests: list) -> dict[int, Any]:
+    """`call(requests)` on a pool, where a task the engine cannot play (a corrupt game) fails
+    only its own slot: that slot answers `StepResult("", None, done=True, info={"error": ...})`
+    and the call's other slots keep their answers."""
+    try:
+        return call(requests)
+    except PoolError as e:
+        results = dict(e.results or {})
+        for slot, _ in requests:
+            results.setdefault(slot, StepResult("", None, done=True, info={"error": str(e)}))
+        return results
 
 
 @runtime_checkable
