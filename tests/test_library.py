@@ -1,18 +1,53 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import numpy as np
 import pytest
 
 from evolving_rl.skills.library import Provenance, SkillLibrary
+from evolving_rl.skills.pg_library import open_library
 from evolving_rl.skills.skill import Skill, render_card
 
 DIM = 32
+PG_ENV = "EVOLVING_RL_TEST_PG"  # a libpq URL of a server the tests may create databases on
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_lib(request, tmp_path):
+    """A factory of fresh, empty library locations on each backend: a SQLite file, or a new
+    PostgreSQL database (dropped afterwards). PostgreSQL runs are skipped only when no server
+    is reachable; .ci/run starts one (scripts/pg_for_tests.sh)."""
+    if request.param == "sqlite":
+        names = iter(range(1000))
+        yield lambda: str(tmp_path / f"lib{next(names)}.sqlite")
+        return
+    psycopg = pytest.importorskip("psycopg", reason="PostgreSQL backend: pip install 'evolving-rl[postgres]'")
+    url = os.environ.get(PG_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL server: set {PG_ENV} (eval \"$(scripts/pg_for_tests.sh)\" starts one)")
+    try:
+        admin = psycopg.connect(url, autocommit=True, connect_timeout=5)
+    except psycopg.Error as e:
+        pytest.skip(f"no PostgreSQL server reachable at {PG_ENV} ({e})")
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        admin.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return url.rsplit("/", 1)[0] + "/" + name
+
+    yield make
+    for name in made:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
 
 
 def vec(seed: int) -> np.ndarray:
@@ -34,13 +69,14 @@ def run_py(code: str, *args: str) -> str:
     return out.stdout
 
 
-def test_persistence_across_processes(tmp_path):
-    db = tmp_path / "lib.sqlite"
+def test_persistence_across_processes(new_lib):
+    db = new_lib()
     run_py(
         """
         import sys, numpy as np
-        from evolving_rl.skills.library import SkillLibrary, Provenance
-        lib = SkillLibrary(sys.argv[1])
+        from evolving_rl.skills.library import Provenance
+        from evolving_rl.skills.pg_library import open_library
+        lib = open_library(sys.argv[1])
         a = lib.add({"name": "a", "description": "A"}, "# Skill: a", np.ones(8, np.float32), Provenance(source_task_id="t1", success=True))
         b = lib.add({"name": "b", "description": "B"}, "# Skill: b", np.arange(8, dtype=np.float32) - 3.5, {"source_task_id": "t2"})
         lib.record_use(a, True); lib.record_use(a, False); lib.retire(b, "hurt success")
@@ -50,26 +86,26 @@ def test_persistence_across_processes(tmp_path):
     out = run_py(
         """
         import sys, json
-        from evolving_rl.skills.library import SkillLibrary
-        lib = SkillLibrary(sys.argv[1])
+        from evolving_rl.skills.pg_library import open_library
+        lib = open_library(sys.argv[1])
         print(json.dumps([[r.name, r.uses, r.successes, r.retired, r.retired_reason, r.provenance["source_task_id"]]
                           for r in lib.list(include_retired=True)]))
         """,
         str(db),
     )
     assert json.loads(out) == [["a", 2, 1, False, None, "t1"], ["b", 0, 0, True, "hurt success", "t2"]]
-    lib = SkillLibrary(db)
+    lib = open_library(db)
     assert len(lib) == 1 and lib.get(1).card == "# Skill: a" and lib.get(1).success_rate == 0.5
 
 
-def test_concurrent_writers_lose_nothing(tmp_path):
-    db = tmp_path / "lib.sqlite"
+def test_concurrent_writers_lose_nothing(new_lib):
+    db = new_lib()
     code = """
         import sys, time, numpy as np
-        from evolving_rl.skills.library import SkillLibrary
+        from evolving_rl.skills.pg_library import open_library
         path, w, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
         time.sleep(max(0.0, start - time.time()))  # all workers hit the fresh file at once
-        lib = SkillLibrary(path)
+        lib = open_library(path)
         shared = np.ones(32, np.float32)  # every worker adds the same skill once: must merge into one
         for i in range(15):
             v = np.random.default_rng(1000 * w + i).standard_normal(32).astype(np.float32)
@@ -83,7 +119,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
              for w in range(3)]
     for p in procs:
         assert p.wait(timeout=180) == 0, p.stderr.read()
-    lib = SkillLibrary(db)
+    lib = open_library(db)
     names = [r.name for r in lib.list()]
     assert len(lib) == 3 * 15 + 1
     assert {f"w{w}-{i}" for w in range(3) for i in range(15)} <= set(names)
@@ -92,8 +128,8 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert sum(r.uses for r in lib.list()) == 45 and sum(r.successes for r in lib.list()) == 3 * 8
 
 
-def test_near_duplicates_merge(tmp_path):
-    lib = SkillLibrary(tmp_path / "lib.sqlite", dedup_threshold=0.95)
+def test_near_duplicates_merge(new_lib):
+    lib = open_library(new_lib(), dedup_threshold=0.95)
     v = vec(0)
     a = add(lib, "first", v)
     lib.record_use(a, True)
@@ -115,8 +151,8 @@ def test_near_duplicates_merge(tmp_path):
     assert add(lib, "forced", v, merge=False) != a and len(lib) == 3
 
 
-def test_retrieval_ranks_and_skips_retired(tmp_path):
-    lib = SkillLibrary(tmp_path / "lib.sqlite")
+def test_retrieval_ranks_and_skips_retired(new_lib):
+    lib = open_library(new_lib())
     ids = [add(lib, f"s{i}", vec(10 + i)) for i in range(5)]
     q = vec(12) + 0.3 * vec(13)
     got = lib.retrieve(q, m=2)
@@ -135,8 +171,8 @@ def test_retrieval_ranks_and_skips_retired(tmp_path):
         lib.retrieve(np.ones(DIM + 1), 1)
 
 
-def test_auto_retire_is_a_guardrail(tmp_path):
-    lib = SkillLibrary(tmp_path / "lib.sqlite")
+def test_auto_retire_is_a_guardrail(new_lib):
+    lib = open_library(new_lib())
     bad, good, young = (add(lib, n, vec(20 + i)) for i, n in enumerate(["bad", "good", "young"]))
     for i in range(6):
         lib.record_use(bad, i == 0)  # 1/6
@@ -149,15 +185,15 @@ def test_auto_retire_is_a_guardrail(tmp_path):
     assert lib.auto_retire(min_uses=5, baseline_success=0.5, margin=0.1) == []  # idempotent
 
 
-def test_jsonl_round_trip_is_exact(tmp_path):
-    lib = SkillLibrary(tmp_path / "a.sqlite")
+def test_jsonl_round_trip_is_exact(new_lib, tmp_path):
+    lib = open_library(new_lib())
     a = add(lib, "a", vec(30))
     add(lib, "b", vec(31), success=False)
     add(lib, "a2", vec(30) + 0.01 * vec(32))  # merged into a: version 2, history
     lib.record_use(a, True)
     lib.retire(a, "because <script>alert(1)</script>")
     assert lib.export_jsonl(tmp_path / "a.jsonl") == 2
-    other = SkillLibrary(tmp_path / "b.sqlite")
+    other = open_library(new_lib())
     assert other.import_jsonl(tmp_path / "a.jsonl") == [1, 2]
     other.export_jsonl(tmp_path / "b.jsonl")
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
@@ -183,3 +219,38 @@ def test_bad_inputs_name_the_culprit(tmp_path):
         SkillLibrary(notdb)
     with pytest.raises(KeyError, match="not in the library"):
         lib.get(5)
+
+
+def test_postgres_migrations_ids_and_modes(new_lib, tmp_path):
+    loc = new_lib()
+    if not loc.startswith("postgresql://"):
+        pytest.skip("PostgreSQL only: schema migrations and the id sequence")
+    import psycopg
+
+    with pytest.raises(ValueError, match="holds no skill library"):
+        open_library(loc, mode="read")
+    lib = open_library(loc)  # version 0 -> 1 by the migrations
+    assert lib.import_jsonl(_export_of_two(tmp_path)) == [1, 2]
+    assert add(lib, "new", vec(44)) == 3  # the identity sequence moved past the restored ids
+    ro = open_library(loc, mode="read")
+    assert [r.id for r in ro.list()] == [1, 2, 3]
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        ro.record_use(1, True)
+    with psycopg.connect(loc, autocommit=True) as c:
+        c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(ValueError, match="schema version 99, this code reads 1"):
+        open_library(loc)
+    with pytest.raises(ValueError, match=r"cannot connect"):
+        open_library(loc.rsplit("/", 1)[0].replace("postgres@", "postgres:secret@") + "/no_such_db")
+    try:
+        open_library(loc.replace("postgres@", "postgres:secret@") + "_missing")
+    except ValueError as e:
+        assert "secret" not in str(e) and "***" in str(e)
+
+
+def _export_of_two(tmp_path) -> str:
+    src = SkillLibrary(tmp_path / "src.sqlite")
+    add(src, "a", vec(40))
+    add(src, "b", vec(41))
+    src.export_jsonl(tmp_path / "two.jsonl")
+    return str(tmp_path / "two.jsonl")

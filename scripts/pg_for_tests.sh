@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL cluster for the library tests (issue 19): Debian's packages, a fresh
+# data directory, a free localhost port, trust auth for local connections only. Prints the
+# line to export, e.g.
+#   eval "$(scripts/pg_for_tests.sh)"   # sets EVOLVING_RL_TEST_PG=postgresql://...
+# Stop it with: scripts/pg_for_tests.sh stop DATADIR  (DATADIR is printed as a comment).
+set -euo pipefail
+
+if [[ "${1:-}" == "stop" ]]; then
+  dir="${2:?give the data directory printed at start}"
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  runuser -u postgres -- "$bin/pg_ctl" -D "$dir" -m fast stop >/dev/null
+  parent=$(dirname "$dir")
+  [[ "$parent" == /tmp/evolving-rl-pg.* ]] && rm -rf "$parent"  # only what this script made
+  exit 0
+fi
+
+if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "PostgreSQL is not installed and this is not root: apt-get install -y postgresql" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq postgresql >&2
+fi
+bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+# initdb refuses to run as root: run the server as the `postgres` user the package creates.
+as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+dir=$(mktemp -d /tmp/evolving-rl-pg.XXXXXX)
+[[ $(id -u) -eq 0 ]] && chown postgres "$dir"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+as_pg "$bin/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
+as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 \
+  -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100" start >/dev/null
+echo "export EVOLVING_RL_TEST_PG=postgresql://postgres@127.0.0.1:$port/postgres"
+echo "# data directory: $dir/data (stop: scripts/pg_for_tests.sh stop $dir/data)"
