@@ -26,12 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, modeling_utils
 
 from evolving_rl.config import ModelConfig
 from evolving_rl.policy.base import Generation
 from evolving_rl.policy.files import check_model_dir
 from evolving_rl.types import Segment
+
+# transformers >= 5.2x takes a [batch, seq] bool mask as `logits_to_keep` (the output layer
+# runs only there); the vLLM venv pins transformers < 5.20, which does not.
+_MASK_LOGITS_TO_KEEP = hasattr(modeling_utils, "slice_logits_to_keep")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -424,7 +428,10 @@ class HFPolicy:
             self.model.train()
         try:
             with self._ctx():
-                logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=predict).logits
+                if _MASK_LOGITS_TO_KEEP:
+                    logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=predict).logits
+                else:  # older transformers (the vLLM venv's): every position, then the wanted ones
+                    logits = self.model(input_ids=ids, attention_mask=attn).logits[predict]
         finally:
             if train_mode:
                 self.model.eval()

@@ -1,0 +1,289 @@
+"""vLLM as the generation engine, training kept in transformers (issue 17; `model.backend: vllm`).
+
+At the paper's scale (528 episodes of up to 50 turns per step) generation dominates; vLLM
+brings paged attention, continuous batching and prefix caching (per-step prompts share
+their system prompt, skill card and task). `VLLMPolicy` is an `HFPolicy` (tokenizer,
+`score`, `parameters`, `reference`, `save` unchanged: the updater trains the transformers
+model) whose `generate` runs on a vLLM engine holding a copy of the same weights.
+
+What must stay exactly as `HFPolicy` defines it (hf.py's docstring): the returned log-prob
+of a sampled id is its log-prob under the model's own distribution, temperature 1, no top-p
+cut, with the admissible-action trie mask applied, so GRPO's first ratio is 1.
+
+* vLLM's `raw_logprobs` mode returns log_softmax of the model's logits before temperature,
+  top-p and logits processors: our definition for unconstrained rows.
+* Constrained rows: the trie mask is a vLLM logits processor (`_TrieMask`), so the token is
+  drawn only among allowed ids, with vLLM's own temperature and top-p. Its raw log-prob is
+  normalised over the whole vocabulary, so the processor also records, per row and step,
+  log Z = logsumexp of the raw logits over the allowed ids; the masked log-prob is then
+  raw - log Z, exactly log_softmax(logits + mask) as `score` computes it.
+* A trie that reaches the end of an allowed sequence ends the completion in HFPolicy; a
+  logits processor cannot end a request, so it forces EOS on the next step and that extra
+  token is dropped from the result (with the stop string "</action>" the rollout passes,
+  vLLM's own stop check ends it first anyway).
+
+Weights: after an optimizer step the transformers weights differ from the engine's. Every
+in-place update bumps a tensor's version counter, so `generate` compares the parameters'
+versions with those at the last sync and, if any moved, loads the current weights into the
+running engine (`load_weights`, no restart) and clears its prefix cache. `sync_weights()`
+does it explicitly.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the logits processor
+reports log Z through memory shared with this object, and weights are loaded by reference.
+That is the colocated setting (one device holds trainer and engine); engines on other GPUs
+would need the log Z table and weights sent over the wire: not built here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from typing import Any
+
+import torch
+
+from evolving_rl.policy.base import Generation
+from evolving_rl.policy.hf import HFPolicy, _Trie
+
+_ARG = "evolving_rl_trie"  # SamplingParams.extra_args key naming a request's trie
+# key -> {"trie": _Trie, "log_z": {step: float}}; filled by `generate`, read by `_TrieMask`
+# inside the (in-process) engine. A lock because vLLM may run the processor off-thread.
+_REQUESTS: dict[str, dict[str, Any]] = {}
+_LOCK = threading.Lock()
+_KEYS = itertools.count()
+
+
+def _require_vllm() -> Any:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise RuntimeError(
+            "model.backend: vllm runs its engine in this process; unset VLLM_ENABLE_V1_MULTIPROCESSING "
+            "or set it to 0"
+        )
+    try:
+        import vllm
+    except ImportError:
+        raise ImportError(
+            "model.backend: vllm needs vLLM, which pins its own transformers: build its venv with "
+            "`bash scripts/vllm_venv.sh` and run there (.venv-vllm/bin/python), or set model.backend: hf"
+        ) from None
+    return vllm
+
+
+def _trie_mask_class() -> type:
+    """The logits processor, built on first use so that importing this module needs no vLLM."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+    class _TrieMask(LogitsProcessor):
+        """Rows whose request names a trie may only produce its continuations (see module doc)."""
+
+        def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+            self.rows: dict[int, tuple[str, list[int]]] = {}  # batch row -> (key, its live output ids)
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes which id is the most likely
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            if batch_update is None:
+                return
+            for index in batch_update.removed:
+                self.rows.pop(index, None)
+            for index, params, _, output_ids in batch_update.added:
+                key = (params.extra_args or {}).get(_ARG) if params is not None else None
+                if key is None:
+                    self.rows.pop(index, None)
+                else:
+                    self.rows[index] = (key, output_ids)
+            for a, b, direction in batch_update.moved:
+                ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+                if ra is not None:
+                    self.rows[b] = ra
+                if direction == MoveDirectionality.SWAP and rb is not None:
+                    self.rows[a] = rb
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if not self.rows:
+                return logits
+            rows, cols, log_z_rows = [], [], []
+            with _LOCK:
+                for index, (key, output_ids) in self.rows.items():
+                    entry = _REQUESTS.get(key)
+                    if entry is None:
+                        continue
+                    node = entry["trie"].root
+                    for t in output_ids:
+                        node = node.get(t) if node is not None else None
+                    step = len(output_ids)
+                    if node is None or None in node:
+                        # the allowed sequence is complete (or left): end it with EOS, dropped later
+                        choices = [entry["eos"]]
+                        entry["ended"].setdefault(step, True)
+                    else:
+                        choices = _Trie.choices(node)
+                    rows += [index] * len(choices)
+                    cols += choices
+                    log_z_rows.append((index, key, step, choices))
+            if not rows:
+                return logits
+            r = torch.tensor(rows, device=logits.device)
+            c = torch.tensor(cols, device=logits.device)
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            allowed[r, c] = True
+            raw = logits.float()
+            # log Z over the allowed ids, from the raw logits (before the mask): raw - log Z is
+            # then log_softmax(logits + mask), `score`'s quantity.
+            lse_all = torch.logsumexp(raw, dim=-1)
+            with _LOCK:
+                for index, key, step, choices in log_z_rows:
+                    allowed_lse = torch.logsumexp(raw[index, choices], dim=-1)
+                    entry = _REQUESTS.get(key)
+                    if entry is not None:
+                        entry["log_z"][step] = float(allowed_lse - lse_all[index])
+            masked_rows = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+            masked_rows[r] = True
+            logits[masked_rows] = logits[masked_rows].masked_fill(~allowed[masked_rows], float("-inf"))
+            return logits
+
+    return _TrieMask
+
+
+class VLLMPolicy(HFPolicy):
+    """`HFPolicy` whose `generate` runs on an in-process vLLM engine (see the module docstring).
+
+    `engine_kwargs` go to `vllm.LLM` (e.g. `gpu_memory_utilization`, `kv_cache_memory_bytes`,
+    `tensor_parallel_size`); on CPU vLLM reserves `gpu_memory_utilization` of host RAM for
+    its KV cache unless `kv_cache_memory_bytes` is given, hence the small default.
+    """
+
+    def __init__(self, cfg: Any, device: str | torch.device = "cpu", *, engine_kwargs: dict | None = None, **kw: Any) -> None:
+        super().__init__(cfg, device, **kw)
+        if cfg.lora.enabled:
+            # Loading merged LoRA weights every step would copy the whole model; vLLM's own
+            # LoRA adapters are the way, not built yet.
+            raise ValueError("model.backend: vllm does not support model.lora yet; use model.backend: hf with LoRA")
+        vllm = _require_vllm()
+        kwargs: dict[str, Any] = {
+            "dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.dtype, "auto"),
+            "max_model_len": self.max_context_tokens,
+            "seed": 0,
+            "logprobs_mode": "raw_logprobs",  # our log-prob definition, before temperature/top-p
+            "logits_processors": [_trie_mask_class()],
+            "enable_prefix_caching": True,
+            "enforce_eager": self.device.type == "cpu",
+            # the trie walk reads each request's output ids: they must be final, not placeholders
+            "async_scheduling": False,
+        }
+        if self.device.type == "cpu":
+            kwargs.update(gpu_memory_utilization=0.05, kv_cache_memory_bytes=512 << 20)
+        kwargs.update(engine_kwargs or {})
+        self.engine = vllm.LLM(model=str(cfg.path), tokenizer=str(cfg.path), **kwargs)
+        self._sampling_params = vllm.SamplingParams
+        self._synced_versions = self._versions()
+        self.weight_syncs = 0
+
+    # ---- weights ------------------------------------------------------------------------
+
+    def _versions(self) -> list[int]:
+        return [p._version for p in self._base_model().parameters()]
+
+    def sync_weights(self) -> None:
+        """Load the transformers model's current weights into the engine (no restart)."""
+        state = {k: v.detach() for k, v in self._base_model().state_dict().items()}
+
+        def load(model: torch.nn.Module) -> None:
+            model.load_weights(state.items())
+
+        self.engine.apply_model(load)
+        self.engine.reset_prefix_cache()  # cached KV was computed by the old weights
+        self._synced_versions = self._versions()
+        self.weight_syncs += 1
+
+    def _sync_if_stale(self) -> None:
+        if self._versions() != self._synced_versions:
+            self.sync_weights()
+
+    # ---- generation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop: list[str] | None = None,
+        allowed: list[list[list[int]] | None] | None = None,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        n = len(prompts)
+        if n == 0:
+            return []
+        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+            raise ValueError(
+                f"generate: temperature={temperature} (>= 0), top_p={top_p} (in (0, 1]), "
+                f"max_new_tokens={max_new_tokens} (>= 1)"
+            )
+        if allowed is not None and len(allowed) != n:
+            raise ValueError(f"generate: {len(allowed)} allowed lists for {n} prompts")
+        for i, p in enumerate(prompts):
+            self._check_ids(p, f"generate: prompt {i}")
+        tries = [
+            _Trie(a, f"generate: allowed[{i}]") if a is not None else None
+            for i, a in enumerate(allowed or [None] * n)
+        ]
+        self._sync_if_stale()
+        base = seed if seed is not None else int(torch.randint(0, 2**31, (1,)).item())
+        keys: list[str | None] = []
+        params = []
+        for i, trie in enumerate(tries):
+            key = None
+            if trie is not None:
+                key = f"t{next(_KEYS)}"
+                with _LOCK:
+                    _REQUESTS[key] = {"trie": trie, "log_z": {}, "ended": {}, "eos": self.eos_token_id}
+            keys.append(key)
+            params.append(
+                self._sampling_params(
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_tokens=max_new_tokens + (trie is not None),  # room for the EOS that ends a trie
+                    stop=[s for s in (stop or []) if s] or None,
+                    include_stop_str_in_output=True,
+                    stop_token_ids=sorted(self.eos_token_ids),
+                    logprobs=0,  # the sampled id's log-prob only
+                    seed=(base * 1_000_003 + i) % (2**31),  # one stream per row: independent of batch-mates
+                    skip_special_tokens=True,
+                    extra_args={_ARG: key} if key else None,
+                )
+            )
+        try:
+            outputs = self.engine.generate(
+                [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
+            )
+            results = []
+            for out, key in zip(outputs, keys):
+                c = out.outputs[0]
+                ids = list(c.token_ids)
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
+                reason = "length"
+                if key is not None:
+                    entry = _REQUESTS[key]
+                    ended = sorted(entry["ended"])
+                    if ended and ended[0] < len(ids):  # drop the EOS forced after a complete sequence
+                        ids, lps, reason = ids[: ended[0]], lps[: ended[0]], "stop"
+                    lps = [lp - entry["log_z"][k] for k, lp in enumerate(lps)]
+                if reason != "stop":
+                    if ids and ids[-1] in self.eos_token_ids:
+                        reason = "eos"
+                    elif c.finish_reason == "stop":
+                        reason = "stop"
+                ids, lps = ids[:max_new_tokens], lps[:max_new_tokens]
+                results.append(Generation(token_ids=ids, logprobs=lps, text=self.decode(ids), finish_reason=reason))
+            return results
+        finally:
+            with _LOCK:
+                for key in keys:
+                    if key is not None:
+                        _REQUESTS.pop(key, None)
