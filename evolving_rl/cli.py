@@ -357,17 +357,19 @@ def skills_import(library: Path = typer.Argument(..., help="Library file (create
 
 
 @skills_app.command("mcp")
-def skills_mcp(library: Path = typer.Argument(..., help="The skill library to serve."),
+def skills_mcp(library: str = typer.Argument(..., help="The skill library to serve: a file, or postgresql://..."),
                transport: str = typer.Option("stdio", "--transport", help="stdio (launched by an agent) or http."),
                host: str = typer.Option("127.0.0.1", "--host", help="http: listen address (localhost only by default)."),
                port: int = typer.Option(8765, "--port", min=1, max=65535, help="http: port; the endpoint is /mcp.")):
     """Serve the library's promoted skills over MCP (list, search by task text, read one). Read-only
     unless $EVOLVING_RL_ADMIN_TOKEN is set, which adds an admin `retire_skill` tool needing it."""
     from evolving_rl.skills.mcp_server import serve as serve_mcp
+    from evolving_rl.skills.pg_library import is_postgres
 
     if transport not in ("stdio", "http"):
         _fail(f"--transport: unknown transport {transport!r}; allowed: stdio, http")
-    _library(library).close()  # a missing or foreign file fails here, before the protocol starts
+    if not is_postgres(library):
+        _library(Path(library)).close()  # a missing or foreign file fails here, before the protocol starts
     try:
         serve_mcp(library, transport=transport, host=host, port=port)
     except (ImportError, ValueError) as e:

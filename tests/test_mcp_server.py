@@ -166,3 +166,35 @@ def test_bad_start_is_one_clear_message(tmp_path):
     r = subprocess.run([sys.executable, *server_args(lib)], env={**os.environ, "EVOLVING_RL_ADMIN_TOKEN": "short"},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "at least 16" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+
+
+def test_stdio_server_on_postgres(library, tmp_path):
+    """The same tools on a PostgreSQL library (the replicas' shared one): skipped only without a server."""
+    psycopg = pytest.importorskip("psycopg", reason="PostgreSQL backend: pip install 'evolving-rl[postgres]'")
+    url = os.environ.get("EVOLVING_RL_TEST_PG")
+    if not url:
+        pytest.skip('no PostgreSQL server: set EVOLVING_RL_TEST_PG (eval "$(scripts/pg_for_tests.sh)" starts one)')
+    from evolving_rl.skills.pg_library import open_library
+
+    src, ids = library
+    name = f"t_mcp_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    loc = url.rsplit("/", 1)[0] + "/" + name
+    try:
+        SkillLibrary(src, mode="read").export_jsonl(tmp_path / "lib.jsonl")
+        pg = open_library(loc)
+        assert pg.import_jsonl(tmp_path / "lib.jsonl") == sorted(ids.values())
+        pg.close()
+        params = StdioServerParameters(command=sys.executable, args=server_args(loc),
+                                       env={"EVOLVING_RL_ADMIN_TOKEN": "", "OMP_WAIT_POLICY": "PASSIVE"})
+
+        async def main():
+            async with Client(params, read_timeout_seconds=180) as client:
+                await exercise(client, ids, admin=False)
+
+        anyio.run(main)
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

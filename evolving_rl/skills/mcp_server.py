@@ -140,16 +140,16 @@ def build_server(library: Any, admin_token: str | None = None, embed: Any = None
 
 
 def serve(
-    library_path: str | Path,
+    library_path: str | Path,  # a SQLite file or a postgresql:// URL
     transport: Literal["stdio", "http"] = "stdio",
     host: str = "127.0.0.1",
     port: int = 8765,
 ) -> None:
     """Run until the client closes stdin (stdio) or the process is stopped (http)."""
-    from evolving_rl.skills.library import SkillLibrary
+    from evolving_rl.skills.pg_library import open_library
 
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
-    library = SkillLibrary(library_path, mode="write" if token else "read")
+    library = open_library(library_path, mode="write" if token else "read")
     server = build_server(library, admin_token=token)
     if transport == "stdio":
         server.run("stdio")
