@@ -119,7 +119,8 @@ def games_demos(
 ):
     """The handcoded expert's ALFWorld trajectories of a split as JSONL: `evolving-rl demos` with
     the default ALFWorld config (50 steps, seed 0) on a games directory."""
-    demos(None, split, out, max_tasks, [f"env.games_dir={games}", f"env.num_workers={workers}"])
+    demos(None, split, out, max_tasks, [f"env.games_dir={games}", f"env.num_workers={workers}",
+                                        "env.options.skip_bad_games=true"])
 
 
 @app.command()
@@ -141,6 +142,10 @@ def demos(
             stats = write_demos(cfg, split, out, max_tasks=max_tasks, progress=update)
     except (ValueError, FileNotFoundError, EnvError) as e:
         _fail(str(e))
+    if stats["failures"]:
+        console.print(f"skipped {len(stats['failures'])} game(s) that could not be played:")
+        for failure in stats["failures"]:
+            console.print(f"  {failure}")
     rate = stats["episodes"] / max(stats["wall_s"], 1e-9)
     console.print(f"demos -> {out}: {stats['episodes']} episodes ({stats['won']} won, {stats['failed']} failed), "
                   f"{stats['steps']} steps in {stats['wall_s']:.1f} s ({rate:.2f} demos/s)")

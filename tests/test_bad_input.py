@@ -125,6 +125,52 @@ def _none(tmp: Path) -> dict:
     return {}
 
 
+_GAMES: list[Path] = []  # three real generated ALFWorld train games, copied per case
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pristine_games(tmp_path_factory):
+    from evolving_rl.envs.alfworld_gen import generate_games
+
+    out = tmp_path_factory.mktemp("pristine") / "games"
+    generate_games(out, seed=0, sizes={"train": 3, "eval_seen": 1}, workers=1)
+    _GAMES[:] = [out]
+    yield
+
+
+def _games(tmp: Path, breakage: str = "none") -> Path:
+    """A copy of the pristine games; `breakage` spoils the first train game or the manifest."""
+    import shutil
+
+    out = tmp / "games"
+    shutil.copytree(_GAMES[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    first = out / manifest["splits"]["train"][0]["path"]
+    if breakage == "empty-game":
+        first.write_bytes(b"")
+    elif breakage == "bad-pddl":  # valid JSON, but the engine cannot load it
+        data = json.loads(first.read_text())
+        data["pddl_problem"] = "(define (problem broken) (:domain alfred) (:objects"
+        first.write_text(json.dumps(data))
+    elif breakage == "unknown-type":
+        manifest["splits"]["train"][1]["task_type"] = "juggle_three_apples"
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    elif breakage == "path-not-string":
+        manifest["splits"]["train"][1]["path"] = 5
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    elif breakage == "manifest-latin1":
+        (out / "manifest.json").write_bytes(b'{"splits": {"train": [{"description": "caf\xe9"}]}}')
+    return out
+
+
+def _games_case(breakage: str) -> Callable[[Path], dict]:
+    def setup(tmp: Path) -> dict:
+        out = _games(tmp, breakage)
+        first = json.loads((_GAMES[0] / "manifest.json").read_text())["splits"]["train"][0]["path"]
+        return {"GAMES": out, "FIRST": out / first}
+    return setup
+
+
 CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]] = [
     # brackets in user text are printed, not read as rich markup
     ("markup-closing-tag", _write("c.yaml", "train:\n  steps: 3\n"), ["config", "show", "-c", "FILE", "train.steps=[/x]"],
@@ -198,6 +244,19 @@ CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]]
      [str(2**70)], []),
     ("skills-check-directory", _none, ["skills", "check", "TMP"], ["no such file"], []),
     ("skills-check-binary", _write("raw.txt", b"\xff\xfe\x00garbage"), ["skills", "check", "FILE"], ["raw.txt"], []),
+    # games: a game that cannot be read is named (evaluation refuses it unless told to skip it)
+    ("eval-empty-game", _games_case("empty-game"),
+     ["eval", "--checkpoint", "MODEL", "--out", "TMP/out", "env.games_dir=GAMES", "eval.splits=[train]",
+      "env.num_workers=0", "env.max_steps=2", "eval.repeats=1", "rollout.max_prompt_tokens=128"],
+     ["FIRST", "skip_bad_games"], ["TMP/out"]),
+    ("demos-unknown-task-type", _games_case("unknown-type"), ["games", "demos", "--games", "GAMES", "--out",
+     "TMP/d.jsonl"], ["manifest.json", "juggle_three_apples", "splits.train[1]"], ["TMP/d.jsonl"]),
+    ("demos-manifest-path-not-string", _games_case("path-not-string"), ["games", "demos", "--games", "GAMES", "--out",
+     "TMP/d.jsonl"], ["manifest.json", "splits.train[1]", "path"], ["TMP/d.jsonl"]),
+    ("demos-manifest-latin1", _games_case("manifest-latin1"), ["games", "demos", "--games", "GAMES", "--out",
+     "TMP/d.jsonl"], ["manifest.json", "UTF-8"], ["TMP/d.jsonl"]),
+    ("demos-games-dir-missing", _none, ["games", "demos", "--games", "TMP/nope", "--out", "TMP/d.jsonl"],
+     ["nope"], ["TMP/d.jsonl"]),
     # report
     ("report-on-a-file", _write("run.txt", "x"), ["report", "FILE"], ["run.txt"], []),
 ]
@@ -207,6 +266,8 @@ CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]]
 def test_hostile_input_is_named_not_a_traceback(case, tmp_path):
     _, setup, argv, names, leftovers = case
     subs = {"TMP": str(tmp_path), **{k: str(v) for k, v in setup(tmp_path).items()}}
+    if "MODEL" in argv and "MODEL" not in subs:
+        subs["MODEL"] = str(_model(tmp_path, "none"))
     if "TMP/list.jsonl" in argv:
         (tmp_path / "list.jsonl").write_text("[1, 2]\n")
 
@@ -263,3 +324,28 @@ def test_model_files_are_checked_where_the_policy_loads(tmp_path):
         check_model_dir(sharded)
     with pytest.raises(FileNotFoundError, match="no model directory"):  # still a FileNotFoundError for old callers
         check_model_dir(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("breakage", ["empty-game", "bad-pddl"])
+def test_one_corrupt_game_does_not_abort_games_demos(breakage, tmp_path):
+    """The corrupt game is skipped, named and counted; the other games' demos are written."""
+    setup = _games_case(breakage)(tmp_path)
+    code, out, exc = invoke("games", "demos", "--games", setup["GAMES"], "--out", tmp_path / "d.jsonl", "--workers", "1")
+    assert exc is None and code == 0, out
+    assert str(setup["FIRST"]) in out and "skipped 1" in out, out
+    demos = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert len(demos) == 2 and all(d["won"] for d in demos)
+    assert str(setup["FIRST"]) not in {d["task"]["locator"] for d in demos}
+
+
+def test_a_game_that_cannot_be_read_is_an_error_or_a_named_warning(tmp_path):
+    from evolving_rl.envs.alfworld import AlfworldSuite, BadGameWarning
+
+    setup = _games_case("empty-game")(tmp_path)
+    with pytest.raises(ValueError, match=f"{setup['FIRST']}.*skip_bad_games"):
+        AlfworldSuite({"games_dir": str(setup["GAMES"])}).tasks("train")
+    suite = AlfworldSuite({"games_dir": str(setup["GAMES"]), "skip_bad_games": True})
+    with pytest.warns(BadGameWarning, match=str(setup["FIRST"])):
+        tasks = suite.tasks("train")
+    assert len(tasks) == 2 and [p for p, _ in suite.skipped] == [str(setup["FIRST"])]
+    assert len(suite.tasks("eval_seen")) == 1  # other splits unaffected

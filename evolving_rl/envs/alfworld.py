@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ TASK_TYPES = SEEN_TYPES + UNSEEN_TYPES
 SPLITS = ("train", "train_unseen", "eval_seen", "eval_unseen")
 OFFICIAL_RAW_SPLITS = ("valid_seen", "valid_unseen")
 GAME_FILE = "game.tw-pddl"
+
+
+class BadGameWarning(UserWarning):
+    """A game that cannot be read was left out of its split (env.options.skip_bad_games)."""
 _GOAL_RE = re.compile(r"Your task is to: (.*?)\s*$", re.S)
 
 
@@ -206,8 +211,10 @@ def read_game_file(path: str | Path) -> dict:
     if not path.is_file():
         raise EnvError(f"ALFWorld game file not found: {path}")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise EnvError(f"ALFWorld game file {path} cannot be read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EnvError(f"ALFWorld game file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise EnvError(f"ALFWorld game file {path}: expected a JSON object, got {type(data).__name__}")
@@ -342,6 +349,11 @@ class AlfworldSuite:
     held-out floorplans. The official layout maps train -> train/train_unseen and
     valid_unseen -> eval_seen/eval_unseen by task type (the paper's protocol) and also
     exposes valid_seen and valid_unseen as they are.
+
+    Every game of a split is read when the split is first listed (~0.1 ms a game): a game that
+    cannot be read would otherwise fail each of its episodes in the engine, and an evaluation
+    would report a silent 0% on fewer tasks. Such a game is an error naming the file, or, with
+    the option `skip_bad_games`, a `BadGameWarning` naming it (listed in `skipped`).
     """
 
     env_name = "alfworld"
@@ -352,6 +364,8 @@ class AlfworldSuite:
         if not root:
             raise ValueError("alfworld: no games directory (set env.games_dir or $ALFWORLD_DATA)")
         self.root = Path(root).expanduser().resolve()
+        self.skip_bad_games = bool(options.get("skip_bad_games", False))
+        self.skipped: list[tuple[str, str]] = []  # (game file, why), in listing order
         self._cache: dict[str, list[Task]] = {}
         if (self.root / "manifest.json").is_file():
             self.layout = "generated"
@@ -378,9 +392,24 @@ class AlfworldSuite:
             self._cache[split] = self._generated(split) if self.layout == "generated" else self._official(split)
         return list(self._cache[split])
 
+    def _readable(self, split: str, path: Path) -> dict | None:
+        """The game's JSON, or None for a skipped bad game (see the class docstring)."""
+        try:
+            return read_game_file(path)
+        except EnvError as e:
+            if not self.skip_bad_games:
+                raise ValueError(f"alfworld split {split!r}: {e}. Fix or remove that game, or set "
+                                 "env.options.skip_bad_games=true to leave such games out with a warning") from None
+            self.skipped.append((str(path), str(e)))
+            warnings.warn(f"alfworld split {split!r}: skipping a game that cannot be read: {e}", BadGameWarning,
+                          stacklevel=3)
+            return None
+
     def _generated(self, split: str) -> list[Task]:
         out = []
         for g in self._manifest["splits"].get(split, []):
+            if self._readable(split, self.root / g["path"]) is None:
+                continue
             meta = {"floorplan": g.get("floorplan"), "expert_steps": g.get("expert_steps")}
             out.append(
                 Task(
@@ -415,8 +444,8 @@ class AlfworldSuite:
             task_type = rel.parts[0].split("-", 1)[0]
             if task_type not in types:
                 continue
-            data = read_game_file(game)
-            if not data.get("solvable", False):
+            data = self._readable(split, game)
+            if data is None or not data.get("solvable", False):
                 continue
             m = re.search(r"Your task is to: (.*?)\.?\"", data["grammar"])
             out.append(
@@ -433,16 +462,31 @@ class AlfworldSuite:
 
 def _read_manifest(path: Path) -> dict:
     try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        m = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ValueError(f"alfworld manifest {path} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"alfworld manifest {path} is not UTF-8 text (byte {e.start}); regenerate it with "
+                         "`evolving-rl games generate`") from None
+    except json.JSONDecodeError as e:
         raise ValueError(f"alfworld manifest {path} is not valid JSON: {e}") from None
     if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
         raise ValueError(f"alfworld manifest {path}: missing 'splits' mapping")
     for split, games in m["splits"].items():
+        if not isinstance(games, list):
+            raise ValueError(f"alfworld manifest {path}: splits.{split} must be a list of games")
         for i, g in enumerate(games):
+            if not isinstance(g, dict):
+                raise ValueError(f"alfworld manifest {path}: splits.{split}[{i}] must be an object")
             for key in ("dir", "path", "task_type", "description"):
                 if key not in g:
                     raise ValueError(f"alfworld manifest {path}: splits.{split}[{i}] lacks {key!r}")
+                if not isinstance(g[key], str):
+                    raise ValueError(f"alfworld manifest {path}: splits.{split}[{i}].{key} must be a string, "
+                                     f"got {json.dumps(g[key])[:60]}")
+            if g["task_type"] not in TASK_TYPES:
+                raise ValueError(f"alfworld manifest {path}: splits.{split}[{i}].task_type {g['task_type']!r} is not "
+                                 f"an ALFWorld task type; allowed: {', '.join(TASK_TYPES)}")
     return m
 
 
