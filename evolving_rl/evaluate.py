@@ -253,8 +253,9 @@ class Evaluator:
         results: list[SplitResult] = []
         records: list[dict] = []
         extras: dict = {}
-        for split in cfg.eval.splits:
-            tasks = self.tasks(split, cap if cap is not None else cfg.eval.max_tasks)
+        # Every split is resolved before anything is played or written: a bad name fails first.
+        by_split = {split: self.tasks(split, cap if cap is not None else cfg.eval.max_tasks) for split in cfg.eval.splits}
+        for split, tasks in by_split.items():
             for proto in protocols:
                 if proto == "no_skill":
                     r = run_no_skill(self.rollout, split, tasks, sampling, repeats, cfg.eval.seed)

@@ -219,12 +219,16 @@ class Trainer:
             self.print(format_table(self.initial, "Before RL (greedy)"))
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
+            pool_before = dict(getattr(self.pool, "stats", {}))
             samples, info = self.algorithm.collect(self.step)
             t1 = time.perf_counter()
             stats = namespaced_update(self.updater.update(samples)) if samples else {"loss/skipped": 1}
             timing = {"time/collect_s": t1 - t0, "time/update_s": time.perf_counter() - t1}
+            # Engine workers that crashed or hung are retried silently by the pool: count them.
+            pool = {f"rollout/pool_{k}": v - pool_before.get(k, 0) for k, v in getattr(self.pool, "stats", {}).items()
+                    if isinstance(v, (int, float))}
             self.step += 1
-            self.log({"kind": "train", **merge_metrics(info, stats, timing)})
+            self.log({"kind": "train", **merge_metrics(info, stats, timing, pool)})
             loss = stats.get("loss/total", stats.get("loss/loss", float("nan")))
             self.print(f"step {self.step}/{cfg.train.steps}  success {info.get('solver/success', 0):.3f}  "
                        f"loss {loss:.4f}  {time.perf_counter() - t0:.1f}s")

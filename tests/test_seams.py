@@ -317,6 +317,8 @@ def test_resume_faults_first_checkpoint_lost_corrupt_latest_and_a_finished_run(g
         t.close()
     assert any("no complete checkpoint" in s for s in said)
     assert [r["step"] for r in _rows(run) if r["kind"] == "train"] == [1]  # not [1, 1]
+    row = next(r for r in _rows(run) if r["kind"] == "train")
+    assert row["rollout/pool_retried_episodes"] == 0 and row["rollout/pool_restarts"] == 0  # visible, even when 0
 
     # (2) a finished run: --resume re-runs nothing and still prints the before/after table
     run = tmp_path / "done"
