@@ -314,6 +314,35 @@ def _format(fmt: str) -> str:
     return fmt
 
 
+def _service_lifecycle(library: Path):
+    """The deployment service's lifecycle of a library it has run on (`serve`, `evolve`), as
+    {id: {"status", "lift"}}, so only promoted skills leave it; None for a library without one
+    (then every live skill counts as promoted) or a PostgreSQL one (the service runs on SQLite)."""
+    from evolving_rl.skills.pg_library import is_postgres
+
+    if is_postgres(str(library)):
+        return None
+    lib = _library(Path(library))
+    has = lib._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='skill_lifecycle'").fetchone()
+    lib.close()
+    if not has:
+        return None
+    from evolving_rl.serve.evolver import SkillEvolver
+
+    evolver = SkillEvolver(Path(library), _config(None, []).evolve)
+
+    def lifecycle() -> dict[int, dict]:
+        out = {}
+        for s in evolver.skills():
+            lo, hi = s["lift"]["ci95"]
+            out[s["id"]] = {"status": s["status"], "lift": (
+                f"{s['lift']['mean']:+.3f} (95% interval {lo:+.3f} to {hi:+.3f}; success {s['wins']:g}/{s['uses']} "
+                f"vs no-skill control {s['ctrl_wins']:g}/{s['ctrl_uses']})")}
+        return out
+
+    return lifecycle
+
+
 @skills_app.command("export")
 def skills_export(library: Path = typer.Argument(...),
                   out: Path = typer.Argument(..., help="JSONL file, or a new folder for --format agent-skills."),
@@ -322,7 +351,8 @@ def skills_export(library: Path = typer.Argument(...),
         from evolving_rl.skills.agent_skills import export_agent_skills
 
         try:
-            res = export_agent_skills(_library(library), out)
+            lifecycle = _service_lifecycle(library)
+            res = export_agent_skills(_library(library), out, lifecycle=lifecycle and lifecycle())
         except (ValueError, OSError) as e:
             _fail(str(e))
         for m in res.messages:
@@ -376,7 +406,7 @@ def skills_mcp(library: str = typer.Argument(..., help="The skill library to ser
     if not is_postgres(library):
         _library(Path(library)).close()  # a missing or foreign file fails here, before the protocol starts
     try:
-        serve_mcp(library, transport=transport, host=host, port=port)
+        serve_mcp(library, transport=transport, host=host, port=port, lifecycle=_service_lifecycle(library))
     except (ImportError, ValueError) as e:
         _fail(str(e))
 

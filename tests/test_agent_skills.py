@@ -24,7 +24,7 @@ from evolving_rl.skills.agent_skills import (
     export_agent_skills,
 )
 from evolving_rl.skills.library import Provenance, SkillLibrary
-from evolving_rl.skills.skill import Skill, parse_skill, render_card
+from evolving_rl.skills.skill import Skill, audit, parse_skill, render_card
 
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "evolving_rl.cli", *map(str, args)], capture_output=True, text=True,
@@ -258,3 +258,25 @@ def test_with_the_service_lifecycle_only_promoted_skills_go_out(tmp_path):
     assert [i for i, _ in res.exported] == [ids[0]]  # ids[2] has no lifecycle row: new, so not promoted
     front, _ = split_skill_md((tmp_path / "out" / res.exported[0][1] / "SKILL.md").read_text(encoding="utf-8"), "x")
     assert front["metadata"]["lift-over-control"] == "+0.250 [+0.050, +0.450]"
+
+
+def test_cli_exports_only_what_the_service_promoted(tmp_path):
+    """On a library the deployment service has run on, `promoted` is its lifecycle's word."""
+    from evolving_rl.config import load_config
+    from evolving_rl.serve.evolver import SkillEvolver
+
+    path = tmp_path / "served.sqlite"
+    ev = SkillEvolver(path, load_config(None, []).evolve)
+    skills = [s for s in real_skills() if audit(render_card(s)).ok][:3]  # the service admits only audited ones
+    ids = [ev.admit(s, render_card(s), vec(400 + i), {"source_task_id": f"g{i}"}, actor="test", reason="seed")
+           for i, s in enumerate(skills)]
+    with ev.library._write() as db:  # as the guardrail does once a skill beats its control
+        ev._set_status(db, ids[1], "promoted", "beats the no-skill control")
+    ev.close()
+    r = cli("skills", "export", "--format", "agent-skills", path, tmp_path / "out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (folder,) = list((tmp_path / "out").iterdir())
+    front, _ = split_skill_md((folder / "SKILL.md").read_text(encoding="utf-8"), "x")
+    assert front["metadata"]["library-skill-id"] == str(ids[1])
+    assert re.match(r"[+-]0\.0\d\d \(95% interval -0\.7\d\d to \+0\.7\d\d;", front["metadata"]["lift-over-control"])
+    assert "success 0/0 vs no-skill control 0/0" in front["metadata"]["lift-over-control"]

@@ -198,3 +198,29 @@ def test_stdio_server_on_postgres(library, tmp_path):
     finally:
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_stdio_server_serves_only_what_the_service_promoted(library, tmp_path):
+    from evolving_rl.config import load_config
+    from evolving_rl.serve.evolver import SkillEvolver
+
+    src, ids = library
+    path = tmp_path / "served.sqlite"
+    path.write_bytes(src.read_bytes())
+    ev = SkillEvolver(path, load_config(None, []).evolve)  # adopts every live skill as quarantined
+    with ev.library._write() as db:
+        ev._set_status(db, ids["fenced_json.txt"], "promoted", "beats the no-skill control")
+    ev.close()
+    params = StdioServerParameters(command=sys.executable, args=server_args(path),
+                                   env={"EVOLVING_RL_ADMIN_TOKEN": "", "OMP_WAIT_POLICY": "PASSIVE"})
+
+    async def main():
+        async with Client(params, read_timeout_seconds=180) as client:
+            listed = data(await client.call_tool("list_skills", {}))
+            assert [s["id"] for s in listed["skills"]] == [ids["fenced_json.txt"]]
+            found = data(await client.call_tool("search_skills", {"task": "heat an egg in the microwave", "k": 3}))
+            assert [s["id"] for s in found["skills"]] == [ids["fenced_json.txt"]]  # quarantined ones held back
+            assert "no such promoted skill" in error_text(
+                await client.call_tool("get_skill", {"skill_id": ids["valid_pure.txt"]}))
+
+    anyio.run(main)

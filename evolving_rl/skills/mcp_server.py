@@ -144,13 +144,15 @@ def serve(
     transport: Literal["stdio", "http"] = "stdio",
     host: str = "127.0.0.1",
     port: int = 8765,
+    lifecycle: Callable[[], Mapping[int, Mapping[str, Any]]] | None = None,
 ) -> None:
-    """Run until the client closes stdin (stdio) or the process is stopped (http)."""
+    """Run until the client closes stdin (stdio) or the process is stopped (http). `lifecycle`:
+    as in `build_server` (the CLI passes the service's when the library has one)."""
     from evolving_rl.skills.pg_library import open_library
 
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     library = open_library(library_path, mode="write" if token else "read")
-    server = build_server(library, admin_token=token)
+    server = build_server(library, admin_token=token, lifecycle=lifecycle)
     if transport == "stdio":
         server.run("stdio")
     elif transport == "http":
