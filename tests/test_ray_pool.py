@@ -45,7 +45,8 @@ def test_plays_exactly_like_the_process_pool():
     with RayEnvPool(TOY, {}, num_workers=2, step_timeout_s=30) as pool:
         assert isinstance(pool, Pool)
         got = _play(pool)
-        assert pool.stats == expected_stats == {"restarts": 0, "retried_episodes": 0, "failed_episodes": 0, "env_errors": 0}
+        assert pool.stats == expected_stats == {"restarts": 0, "replayed_episodes": 0, "retried_episodes": 0,
+                                                "failed_episodes": 0, "env_errors": 0}
     assert got == expected
     assert got[-1][0].observation == "g9: right" and got[-1][2].won
 
@@ -74,7 +75,8 @@ def test_killed_actor_is_replaced_and_its_episode_replayed():
         assert out[0].observation == "a: left right win" and out[0].won and out[0].done
         assert out[1].observation == "b: right left left" and not out[1].done
         assert out[0].info["pid"] != victim and victim not in pool.worker_pids
-        assert pool.stats == {"restarts": 1, "retried_episodes": 0, "failed_episodes": 0, "env_errors": 0}
+        assert pool.stats == {"restarts": 1, "replayed_episodes": 1, "retried_episodes": 0, "failed_episodes": 0,
+                              "env_errors": 0}
 
 
 def test_crash_counts_match_the_process_pool():
@@ -98,7 +100,7 @@ def test_crash_counts_match_the_process_pool():
     assert (out, later, expert, stats) == expected
     assert out[2] == ("", None, True, False, "doomed") and later[2] == out[2]
     assert all(out[s] == (f"t{s}: left right", ["left", "right", "win"], False, False, "") for s in (0, 1, 3))
-    assert stats == {"restarts": 2, "retried_episodes": 1, "failed_episodes": 1, "env_errors": 0}
+    assert stats == {"restarts": 2, "replayed_episodes": 3, "retried_episodes": 1, "failed_episodes": 1, "env_errors": 0}
 
 
 def test_hung_actor_is_killed_and_the_step_redone(tmp_path):
@@ -190,7 +192,9 @@ def test_textworld_express_gold_paths_identical_to_the_process_pool():
         expected, _ = _gold_through(procs, tasks, gold)
     with RayEnvPool(name, {}, num_workers=2, step_timeout_s=60) as pool:
         seen, last = _gold_through(pool, tasks, gold, kill_at=2)
-        assert pool.stats == {"restarts": 1, "retried_episodes": 0, "failed_episodes": 0, "env_errors": 0}
+        # the killed actor held two of the four slots (never released here): both are replayed
+        assert pool.stats == {"restarts": 1, "replayed_episodes": 2, "retried_episodes": 0, "failed_episodes": 0,
+                              "env_errors": 0}
     assert all(last[s].won for s in gold), {s: last[s].observation for s in last}
     assert seen == expected
 

@@ -79,6 +79,24 @@ def test_sigkill_mid_episode_is_replayed_on_a_fresh_worker():
         assert pool.stats["restarts"] == 1 and pool.stats["failed_episodes"] == 0
 
 
+def test_killed_worker_mid_episode_is_counted_as_replayed_episodes():
+    """Recovery must be visible: a worker killed mid-episode costs a restart and one replayed
+    episode per live episode it held (two here), while the episodes themselves play on."""
+    with EnvPool(TOY, {"report_pid": True}, num_workers=2, step_timeout_s=30) as pool:
+        pool.reset([(s, toy_task(f"t{s}")) for s in range(4)])
+        out = pool.step([(s, "left") for s in range(4)])
+        victim = out[0].info["pid"]
+        held = [s for s in range(4) if out[s].info["pid"] == victim]
+        assert len(held) == 2
+        os.kill(victim, signal.SIGKILL)
+        out = pool.step([(s, "right") for s in range(4)])
+        assert all(out[s].observation == f"t{s}: left right" for s in range(4))
+        # retried_episodes is 0 or 1: whether the pipe still took the call before the kill landed
+        # decides if the episode in flight is blamed (a strike); replays are counted either way.
+        assert pool.stats["restarts"] == 1 and pool.stats["replayed_episodes"] == 2
+        assert pool.stats["failed_episodes"] == 0 and pool.stats["env_errors"] == 0
+
+
 def test_hung_worker_is_killed_and_the_step_redone(tmp_path):
     marker = tmp_path / "hung-once"
     with EnvPool(TOY, {}, num_workers=2, step_timeout_s=3.0) as pool:
@@ -103,7 +121,8 @@ def test_slot_that_always_crashes_fails_after_one_retry_and_spares_the_others():
         assert out[2].done and out[2].admissible is None and "doomed" in out[2].info["error"]
         for s in (0, 1, 3):
             assert out[s].observation == f"t{s}: left right" and "error" not in out[s].info
-        assert pool.stats == {"restarts": 2, "retried_episodes": 1, "failed_episodes": 1, "env_errors": 0}
+        assert pool.stats == {"restarts": 2, "replayed_episodes": 3, "retried_episodes": 1, "failed_episodes": 1,
+                              "env_errors": 0}
         # the failed slot keeps answering the failure; the others play on; the slot is reusable
         out = pool.step([(2, "win"), (0, "win")])
         assert "error" in out[2].info and out[0].won

@@ -43,7 +43,8 @@ class Pool(Protocol):
     """Live episodes keyed by slot. A slot whose engine failed for good answers
     `StepResult("", None, done=True, info={"error": ...})` until released."""
 
-    # Counters the trainer and evaluator report (restarts, retried_episodes, failed_episodes, env_errors).
+    # Counters the trainer and evaluator report: restarts, replayed_episodes, retried_episodes,
+    # failed_episodes, env_errors (see EnvPool).
     stats: dict[str, int]
 
     def reset(self, requests: list[tuple[int, Task]]) -> dict[int, StepResult]: ...

@@ -181,6 +181,12 @@ class EnvPool:
     {slot: answer}. A slot stays on its worker for the whole episode. A slot that failed (its
     worker crashed or hung twice while on it) answers `StepResult("", None, done=True,
     info={"error": ...})` until released. Call `release` when an episode ends.
+
+    Recovery is silent to the caller, so `stats` counts it: `restarts` (workers replaced after
+    dying, hanging or breaking their pipe), `replayed_episodes` (live episodes rebuilt on a
+    replacement by replaying their actions), `retried_episodes` (episodes blamed for a crash
+    and given their one retry), `failed_episodes` (given up: a second crash, or a replay that
+    diverged or raised) and `env_errors` (an env raised: the task's fault, re-raised).
     """
 
     def __init__(
@@ -198,7 +204,8 @@ class EnvPool:
         lookup(env_name)  # an unknown name fails here, not in every worker
         self.env_name, self.options = env_name, dict(options)
         self.num_workers, self.step_timeout_s = num_workers, step_timeout_s
-        self.stats = {"restarts": 0, "retried_episodes": 0, "failed_episodes": 0, "env_errors": 0}
+        self.stats = {"restarts": 0, "replayed_episodes": 0, "retried_episodes": 0, "failed_episodes": 0,
+                      "env_errors": 0}
         self._slots: dict[int, _Slot] = {}
         self._failed: dict[int, StepResult] = {}  # slot -> its failure answer, until released
         self._home: dict[int, int] = {}  # last worker of each slot id: its env may be idle there
@@ -435,11 +442,13 @@ class EnvPool:
 
     def _replays(self, w: int, skip: set[int]) -> list[Op]:
         """Ops that rebuild worker `w`'s live episodes: reset, then the recorded actions."""
-        return [
+        ops: list[Op] = [
             ("replay", slot, (s.task, list(s.actions)))
             for slot, s in self._slots.items()
             if s.worker == w and s.started and slot not in skip
         ]
+        self.stats["replayed_episodes"] += len(ops)
+        return ops
 
     def _raise(self, errors: list[tuple[Op, Task | None, str, str]], results: dict) -> None:
         (kind, slot, _), task, message, tb = errors[0]
