@@ -138,3 +138,35 @@ def test_multi_turn_over_the_cap_trains_on_exactly_the_sampled_context(games_dir
 def test_prompt_cap_above_the_model_context_is_refused(games_dir, tiny_model, make_config, tmp_path):
     with pytest.raises(ValueError, match=r"rollout\.max_prompt_tokens=4096.*max_position_embeddings=2048"):
         _rollout(games_dir, tiny_model, make_config, tmp_path, "rollout.max_prompt_tokens=4096")
+
+
+def test_per_step_over_the_cap_shows_fewer_steps_and_a_full_context_ends_the_episode(
+        games_dir, tiny_model, make_config, tmp_path):
+    """A per-step prompt over the cap was cut from the left, dropping the system prompt and skill
+    card first; now it shows fewer past steps, and an episode that cannot fit ends, counted."""
+    from evolving_rl.rollout import Job, _Live
+    from evolving_rl.types import Episode, StepResult, Turn
+
+    card = "# Skill: find then take\n1. go to each receptacle in turn\n2. take the object"
+    cfg, policy, pool, rollout, tasks = _rollout(games_dir, tiny_model, make_config, tmp_path, "rollout.history=3")
+    adm = ["go to cabinet 1", "go to cabinet 2", "look"]
+    ep = Episode(task=tasks[0], skill_card=card)
+    ep.turns = [Turn(f"You arrive at cabinet {i}. On the cabinet {i}, you see a mug {i}, a plate {i}.", adm, "",
+                     f"go to cabinet {i}", True) for i in range(1, 4)]
+    live = _Live(job=Job(tasks[0], card), slot=0, episode=ep, last=StepResult("You arrive at cabinet 4.", adm))
+    rollout._cap = 10_000
+    whole = rollout._prompt(live)
+    rollout._cap = len(whole) - 1
+    cut = rollout._prompt(live)
+    assert len(cut) <= rollout._cap and "find then take" in policy.decode(cut)  # the card stays
+    assert policy.decode(whole).count("\n> ") == 3 and policy.decode(cut).count("\n> ") < 3
+    rollout._cap = 20
+    assert rollout._prompt(live) is None  # not even the system prompt fits
+
+    rollout.cfg = cfg.rollout.model_copy(update={"max_prompt_tokens": 64})
+    try:
+        (full,) = rollout.run([Job(tasks[0], card)], cfg.rollout.solver, seed=4)
+    finally:
+        pool.close()
+    assert full.steps == 0 and not full.segments and full.info.get("context_full")
+    assert rollout.stats["context_full"] == 1
