@@ -17,12 +17,18 @@ def build_suite(cfg):
     return make_suite(cfg.env.name, env_options(cfg))
 
 
-def build_policy(cfg, *, path: str | None = None, device=None):
-    """The trainable policy from `model` (or from `path`, e.g. a checkpoint's model directory)."""
+def build_policy(cfg, *, path: str | None = None, device=None, generation: bool = True):
+    """The trainable policy from `model` (or from `path`, e.g. a checkpoint's model directory).
+    `generation=False`: a policy that only scores (a reference), never a second vLLM engine."""
     from evolving_rl.policy.hf import HFPolicy
 
     model = cfg.model if path is None else cfg.model.model_copy(update={"path": str(path)})
-    return HFPolicy(model) if device is None else HFPolicy(model, device=device)
+    cls = HFPolicy
+    if model.backend == "vllm" and generation:
+        from evolving_rl.policy.vllm_policy import VLLMPolicy
+
+        cls = VLLMPolicy
+    return cls(model) if device is None else cls(model, device=device)
 
 
 def build_reference(cfg, policy, *, resumed: bool, device=None):
@@ -30,13 +36,18 @@ def build_reference(cfg, policy, *, resumed: bool, device=None):
     `policy` holds trained weights and cannot serve as its own reference."""
     if not resumed:
         return policy.reference()
-    return build_policy(cfg, device=device).reference()
+    return build_policy(cfg, device=device, generation=False).reference()
 
 
 def build_pool(cfg, *, options: dict | None = None):
     """The env pool the rollout plays through (`env.num_workers` engine processes)."""
     from evolving_rl.envs.workers import EnvPool
 
+    if cfg.env.pool == "ray":
+        from evolving_rl.envs.ray_pool import RayEnvPool
+
+        return RayEnvPool(cfg.env.name, options if options is not None else env_options(cfg), max(1, cfg.env.num_workers),
+                          cfg.env.step_timeout_s, cpus_per_worker=cfg.env.ray_cpus_per_worker)
     return EnvPool(cfg.env.name, options if options is not None else env_options(cfg), cfg.env.num_workers,
                    cfg.env.step_timeout_s)
 

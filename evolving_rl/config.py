@@ -35,8 +35,14 @@ class EnvConfig(_Strict):
         "(the folder holding json_2.1.1); empty means $ALFWORLD_DATA.",
     )
     max_steps: int = Field(50, ge=1, description="Env steps per episode (the paper: 50).")
-    num_workers: int = Field(2, ge=0, description="Engine worker processes; 0 plays in-process.")
+    num_workers: int = Field(2, ge=0, description="Engine worker processes (or Ray actors); 0 plays in-process.")
     step_timeout_s: float = Field(120.0, gt=0, description="A worker silent this long is restarted.")
+    pool: Literal["process", "ray"] = Field(
+        "process",
+        description="Where engines run: local worker processes, or Ray actors spread over a Ray cluster "
+        "(extra `ray`; joins the cluster named by RAY_ADDRESS, else starts a local one). Same crash semantics.",
+    )
+    ray_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine actor (env.pool: ray).")
     options: dict[str, Any] = Field(default_factory=dict, description="Engine-specific options.")
 
 
@@ -68,6 +74,11 @@ class ModelConfig(_Strict):
     """The policy: one LLM that is both extractor and solver (the paper: Qwen2.5-7B-Instruct)."""
 
     path: str = Field("checkpoints/tiny-alfworld-sft", description="Any Hugging Face causal-LM directory.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Generation engine for rollouts and extraction: our transformers decode loop, or vLLM "
+        "in-process (its own venv: scripts/vllm_venv.sh); training always runs in transformers.",
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Dtype of the loaded weights; trainable weights must be float32 (see autocast).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")

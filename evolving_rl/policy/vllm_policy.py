@@ -189,12 +189,11 @@ class VLLMPolicy(HFPolicy):
 
     def sync_weights(self) -> None:
         """Load the transformers model's current weights into the engine (no restart)."""
-        state = {k: v.detach() for k, v in self._base_model().state_dict().items()}
-
-        def load(model: torch.nn.Module) -> None:
-            model.load_weights(state.items())
-
-        self.engine.apply_model(load)
+        state = [(k, v.detach()) for k, v in self._base_model().state_dict().items()]
+        # vLLM's in-place reload, not `model.load_weights`: after loading, vLLM repacks weights
+        # into its kernels' layouts (oneDNN on CPU, fused qkv/gate_up everywhere), and the
+        # reload path redoes that processing from checkpoint-format tensors.
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state), "is_checkpoint_format": True})
         self.engine.reset_prefix_cache()  # cached KV was computed by the old weights
         self._synced_versions = self._versions()
         self.weight_syncs += 1
