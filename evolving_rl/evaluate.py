@@ -255,6 +255,7 @@ class Evaluator:
         extras: dict = {}
         # Every split is resolved before anything is played or written: a bad name fails first.
         by_split = {split: self.tasks(split, cap if cap is not None else cfg.eval.max_tasks) for split in cfg.eval.splits}
+        pool_before = dict(getattr(getattr(self.rollout, "pool", None), "stats", None) or {})
         for split, tasks in by_split.items():
             for proto in protocols:
                 if proto == "no_skill":
@@ -284,6 +285,9 @@ class Evaluator:
                         records.append(episode_record(ep, proto, 0, {"position": entry["position"],
                                                                      "skills_used": entry["skills_used"]}))
                 results.append(r)
+        # Engine workers that crashed or hung were retried by the pool: say how often, next to the numbers.
+        pool_after = getattr(getattr(self.rollout, "pool", None), "stats", None) or {}
+        extras["engine"] = {k: v - pool_before.get(k, 0) for k, v in pool_after.items() if isinstance(v, (int, float))}
         self.write(tag, step, results, records, extras)
         return results
 
@@ -373,7 +377,8 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
     With `skills`, the `library` protocol starts from that library (skill transfer: policy B
     using the library policy A built); it is frozen unless `learn` is set, and each split plays
     on its own copy (eval/<tag>_<split>_skills.sqlite), so the source library is never
-    modified. A library holding skills extracted from the evaluated tasks is refused.
+    modified. A library holding skills extracted from the evaluated tasks is refused. Without
+    `skills`, a bank already in `out_dir` (a training run's skills.sqlite) is the start.
     """
     from evolving_rl.builders import build_policy, build_pool, build_rollout, build_suite
     from evolving_rl.common import prompt_mismatch
@@ -392,7 +397,9 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
         protocols = protocols or ["library"]
     with build_pool(cfg) as pool:
         rollout = build_rollout(cfg, policy, pool)
-        ev = Evaluator(cfg, suite, rollout, policy, out, console_print, bank=skills)
+        # Without --skills, a run directory's own shipped bank is where the library protocol starts.
+        bank = skills or (out / "skills.sqlite" if (out / "skills.sqlite").is_file() else None)
+        ev = Evaluator(cfg, suite, rollout, policy, out, console_print, bank=bank)
         results = ev.run(tag, 0, protocols=protocols, learn=(learn if learn is not None else skills is None))
     console_print(format_table(results, f"{checkpoint} ({tag})"))
     return results

@@ -330,6 +330,8 @@ def test_resume_faults_first_checkpoint_lost_corrupt_latest_and_a_finished_run(g
     finally:
         t.close()
     before = _rows(run)
+    engine = json.loads((run / "eval" / "final.json").read_text())["engine"]
+    assert engine["retried_episodes"] == 0 and engine["failed_episodes"] == 0  # the evaluation JSON counts retries
     said.clear()
     t = Trainer(cfg, resume=True, console=type("C", (), {"print": lambda self, x, **k: said.append(str(x))})())
     try:
