@@ -97,8 +97,12 @@ def games_generate(
 
     sizes = {"train": train, "train_unseen": train_unseen, "eval_seen": eval_seen, "eval_unseen": eval_unseen}
     prog, update = _progress("generating games")
-    with prog:
-        manifest = generate_games(out, seed, sizes, max_expert_steps=max_expert_steps, workers=workers, progress=update)
+    try:
+        with prog:
+            manifest = generate_games(out, seed, sizes, max_expert_steps=max_expert_steps, workers=workers,
+                                      progress=update)
+    except ValueError as e:  # GenerationError: sizes, a non-empty or non-directory --out, floorplans
+        _fail(str(e))
     _print_manifest(manifest, out)
 
 
@@ -166,8 +170,11 @@ def model_tiny(
     from evolving_rl.sft import corpus_from_demos, load_demos
 
     cfg = _config(config, overrides)
-    texts = corpus_from_demos(load_demos([str(d) for d in demos]), cfg)
-    path = build_tiny(texts, cfg.tiny, out)
+    try:
+        texts = corpus_from_demos(load_demos([str(d) for d in demos]), cfg)
+        path = build_tiny(texts, cfg.tiny, out)
+    except (ValueError, FileNotFoundError) as e:  # load_demos names the file and line
+        _fail(str(e))
     console.print(f"tiny model -> {path}")
 
 
@@ -183,7 +190,11 @@ def sft(
     from evolving_rl.sft import run_sft
 
     cfg = _config(config, overrides)
-    run_sft(cfg, out, skills=skills, bf16=bf16, console=console)
+    _model_files(cfg.model.path, "model.path")
+    try:
+        run_sft(cfg, out, skills=skills, bf16=bf16, console=console)
+    except (ValueError, FileNotFoundError) as e:  # demos, games, splits: each names its file or field
+        _fail(str(e))
 
 
 @app.command()
@@ -446,9 +457,12 @@ def quickstart(
         sizes = {"train": g.train, "train_unseen": g.train_unseen, "eval_seen": g.eval_seen, "eval_unseen": g.eval_unseen}
         console.print(f"[1/3] generating ALFWorld games into {games} (expert-verified on ALFWorld's engine)")
         prog, update = _progress("games")
-        with prog:
-            manifest = generate_games(games, g.seed, sizes, max_expert_steps=g.max_expert_steps,
-                                      workers=max(1, cfg.env.num_workers), progress=update)
+        try:
+            with prog:
+                manifest = generate_games(games, g.seed, sizes, max_expert_steps=g.max_expert_steps,
+                                          workers=max(1, cfg.env.num_workers), progress=update)
+        except ValueError as e:
+            _fail(str(e))
         _print_manifest(manifest, games)
     else:
         console.print(f"[1/3] using the games in {games}")
@@ -459,7 +473,10 @@ def quickstart(
         n += 1
     cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
     console.print(f"[2/3] Evolving-RL from {cfg.model.path} -> {run_dir}")
-    trainer = Trainer(cfg, console=console)
+    try:
+        trainer = Trainer(cfg, console=console)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        _fail(str(e))
     try:
         trainer.fit()
     finally:

@@ -171,6 +171,11 @@ def _games_case(breakage: str) -> Callable[[Path], dict]:
     return setup
 
 
+def _sft_case(tmp: Path) -> dict:
+    (tmp / "d.jsonl").write_text('{"task": 1}\n')
+    return {"FILE": tmp / "d.jsonl", "GAMES": _games(tmp), "MODEL": _model(tmp, "none")}
+
+
 CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]] = [
     # brackets in user text are printed, not read as rich markup
     ("markup-closing-tag", _write("c.yaml", "train:\n  steps: 3\n"), ["config", "show", "-c", "FILE", "train.steps=[/x]"],
@@ -257,6 +262,19 @@ CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]]
      "TMP/d.jsonl"], ["manifest.json", "UTF-8"], ["TMP/d.jsonl"]),
     ("demos-games-dir-missing", _none, ["games", "demos", "--games", "TMP/nope", "--out", "TMP/d.jsonl"],
      ["nope"], ["TMP/d.jsonl"]),
+    # building games and models: inputs are checked before the output directory is made
+    ("games-generate-negative-size", _none, ["games", "generate", "--out", "TMP/g", "--train", "-1"],
+     ["'train'", "-1"], ["TMP/g"]),
+    ("games-generate-out-is-a-file", _write("g", "x"), ["games", "generate", "--out", "FILE", "--train", "1",
+     "--train-unseen", "0", "--eval-seen", "0", "--eval-unseen", "0"], ["FILE", "is a file"], []),
+    ("model-tiny-bad-demos", _write("d.jsonl", '{"task": 1}\n'), ["model", "tiny", "--demos", "FILE", "--out",
+     "TMP/m"], ["d.jsonl:1"], ["TMP/m"]),
+    ("model-tiny-missing-demos", _none, ["model", "tiny", "--demos", "TMP/nope.jsonl", "--out", "TMP/m"],
+     ["nope.jsonl"], ["TMP/m"]),
+    ("sft-bad-demos", _sft_case, ["sft", "--out", "TMP/s", "sft.demos=[FILE]", "model.path=MODEL",
+     "env.games_dir=GAMES", "rollout.max_prompt_tokens=128"], ["d.jsonl:1"], ["TMP/s"]),
+    ("sft-model-missing", _none, ["sft", "--out", "TMP/s", "model.path=TMP/nowhere"], ["model.path", "nowhere"],
+     ["TMP/s"]),
     # report
     ("report-on-a-file", _write("run.txt", "x"), ["report", "FILE"], ["run.txt"], []),
 ]

@@ -413,6 +413,8 @@ def generate_games(
         if not isinstance(n, int) or n < 0:
             raise GenerationError(f"games for split {split!r} must be a non-negative integer, got {n!r}")
     out = Path(out_dir).resolve()  # the engine does not find games by relative path from workers
+    if out.exists() and not out.is_dir():
+        raise GenerationError(f"output directory {out} is a file; choose a new directory")
     if (out / "manifest.json").exists() or (out.exists() and any(out.iterdir())):
         raise GenerationError(f"output directory {out} is not empty; choose a new one")
     train_fps, held_fps = floorplan_split(split_seed)
