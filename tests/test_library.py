@@ -16,26 +16,32 @@ from evolving_rl.skills.pg_library import open_library
 from evolving_rl.skills.skill import Skill, render_card
 
 DIM = 32
-PG_ENV = "EVOLVING_RL_TEST_PG"  # a libpq URL of a server the tests may create databases on
+# libpq URLs of servers the tests may create databases on: any PostgreSQL, and one with pgvector.
+PG_ENVS = {"postgres": "EVOLVING_RL_TEST_PG", "pgvector": "EVOLVING_RL_TEST_PGVECTOR"}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "pgvector"])
 def new_lib(request, tmp_path):
     """A factory of fresh, empty library locations on each backend: a SQLite file, or a new
-    PostgreSQL database (dropped afterwards). PostgreSQL runs are skipped only when no server
-    is reachable; .ci/run starts one (scripts/pg_for_tests.sh)."""
+    PostgreSQL database (dropped afterwards) on a plain server (exact search) or one with
+    pgvector. PostgreSQL runs are skipped only when no server is given or reachable; .ci/run
+    starts them (scripts/pg_for_tests.sh)."""
     if request.param == "sqlite":
         names = iter(range(1000))
         yield lambda: str(tmp_path / f"lib{next(names)}.sqlite")
         return
     psycopg = pytest.importorskip("psycopg", reason="PostgreSQL backend: pip install 'evolving-rl[postgres]'")
-    url = os.environ.get(PG_ENV)
+    env = PG_ENVS[request.param]
+    url = os.environ.get(env)
     if not url:
-        pytest.skip(f"no PostgreSQL server: set {PG_ENV} (eval \"$(scripts/pg_for_tests.sh)\" starts one)")
+        pytest.skip(f"no {request.param} server: set {env} (scripts/pg_for_tests.sh starts one)")
     try:
         admin = psycopg.connect(url, autocommit=True, connect_timeout=5)
     except psycopg.Error as e:
-        pytest.skip(f"no PostgreSQL server reachable at {PG_ENV} ({e})")
+        pytest.skip(f"no PostgreSQL server reachable at {env} ({e})")
+    has_vector = admin.execute("SELECT 1 FROM pg_available_extensions WHERE name='vector'").fetchone() is not None
+    if has_vector != (request.param == "pgvector"):
+        pytest.fail(f"{env} must point at a server {'with' if request.param == 'pgvector' else 'without'} pgvector")
     made: list[str] = []
 
     def make() -> str:
@@ -254,3 +260,25 @@ def _export_of_two(tmp_path) -> str:
     add(src, "b", vec(41))
     src.export_jsonl(tmp_path / "two.jsonl")
     return str(tmp_path / "two.jsonl")
+
+
+def test_search_backend_ranks_as_exact_cosine(new_lib):
+    """pgvector where the server has it, numpy otherwise: the same ranking and similarities."""
+    loc = new_lib()
+    lib = open_library(loc)
+    server = os.environ.get(PG_ENVS["pgvector"], "")
+    assert getattr(lib, "pgvector", False) == bool(server and loc.startswith(server.rsplit("/", 1)[0] + "/"))
+    ids = [add(lib, f"s{i}", vec(50 + i)) for i in range(12)]
+    lib.retire(ids[3], "manual")
+    matrix = np.stack([vec(50 + i) for i in range(12)])
+    for j in range(5):
+        q = vec(90 + j) + 0.5 * vec(50 + j)
+        sims = matrix @ q / np.linalg.norm(matrix, axis=1) / np.linalg.norm(q)
+        sims[3] = -np.inf
+        want = [ids[i] for i in np.argsort(-sims, kind="stable")[:4]]
+        got = lib.retrieve(q, 4)
+        assert [r.id for r in got] == want
+        np.testing.assert_allclose([r.similarity for r in got], np.sort(sims)[::-1][:4], atol=1e-5)
+    # a row written later (no vector yet) is found too
+    late = add(lib, "late", vec(99))
+    assert lib.retrieve(vec(99), 1)[0].id == late

@@ -17,8 +17,12 @@ implementation in library.py. What differs, and why:
   library applies the missing ones in order, in one transaction, under an advisory lock
   (several replicas starting together migrate once). A database newer than this code is
   refused, never downgraded.
-- **Search** is exact (cosine over every live embedding in numpy, as on SQLite). pgvector
-  would make it approximate and server-side where installed; it is not wired in yet.
+- **Search.** Where the server has pgvector, `retrieve` ranks in the database (`<=>`, cosine
+  distance, over a `vector` copy of each embedding, filled in for rows written without one
+  before each search), so a replica does not pull every embedding per query; without it,
+  exact cosine over every live embedding in numpy, as on SQLite. Near-duplicate merging
+  stays exact on both: it decides what is stored. The float32 bytes stay the record of truth
+  (export, import and the SQLite backend read them), the vector column is derived.
 
 A library is named by a libpq URL, `postgresql://user@host:port/dbname`; `open_library`
 picks the backend from the location, so every caller takes either.
@@ -33,7 +37,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from evolving_rl.skills.library import SCHEMA_VERSION, SkillLibrary
+import numpy as np
+
+from evolving_rl.skills.library import SCHEMA_VERSION, SkillLibrary, SkillRecord, _vec
 
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -138,6 +144,7 @@ class PgSkillLibrary(SkillLibrary):
                 raise ValueError(f"{self.path}: skill library schema version {version} needs migrating to "
                                  f"{SCHEMA_VERSION}; open it once for writing")
             self._migrate()
+        self.pgvector = self._enable_pgvector()
 
     @staticmethod
     def _version(db: _Connection) -> int:
@@ -157,6 +164,61 @@ class PgSkillLibrary(SkillLibrary):
                     db.execute(stmt)
             db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value=EXCLUDED.value",
                        (str(max(current, SCHEMA_VERSION)),))
+
+    def _enable_pgvector(self) -> bool:
+        """Use pgvector when the server has it: the extension and the derived column are created
+        by any writer that opens the library; a read-only one uses them when already there."""
+        db = self._db
+        has_col = db.execute("SELECT 1 FROM information_schema.columns WHERE table_name='skills' "
+                             "AND column_name='embedding_vec' AND table_schema=current_schema()").fetchone()
+        if has_col or self.readonly:
+            return bool(has_col)
+        if not db.execute("SELECT 1 FROM pg_available_extensions WHERE name='vector'").fetchone():
+            return False
+        with db.raw.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+            db.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            db.execute("ALTER TABLE skills ADD COLUMN IF NOT EXISTS embedding_vec vector")
+        return True
+
+    @staticmethod
+    def _literal(v: np.ndarray) -> str:
+        return "[" + ",".join(repr(float(x)) for x in v) + "]"
+
+    def _fill_vectors(self) -> bool:
+        """Give rows written without a vector (every insert goes through the shared SQL) theirs.
+        Idempotent, so replicas filling at once agree; False when read-only and some are missing."""
+        db = self._db
+        rows = db.execute("SELECT id, embedding FROM skills WHERE embedding_vec IS NULL").fetchall()
+        if rows and self.readonly:
+            return False
+        for sid, emb in rows:
+            db.execute("UPDATE skills SET embedding_vec = ?::vector WHERE id = ? AND embedding_vec IS NULL",
+                       (self._literal(np.frombuffer(bytes(emb), dtype=np.float32)), sid))
+        return True
+
+    def retrieve(self, query_embedding: Any, m: int = 1) -> list[SkillRecord]:
+        """The m live skills most similar to the query, best first (`similarity` set)."""
+        if not self.pgvector:
+            return super().retrieve(query_embedding, m)
+        q = _vec(query_embedding)
+        dim = self._dimension()
+        if dim is None or m <= 0:
+            return []
+        if dim != q.shape[0]:
+            raise ValueError(f"embedding: dimension {q.shape[0]} but the library holds dimension {dim}")
+        if not self._fill_vectors():
+            return super().retrieve(query_embedding, m)
+        lit = self._literal(q)
+        rows = self._db.execute(
+            "SELECT id, 1 - (embedding_vec <=> ?::vector) FROM skills WHERE retired=0 "
+            "ORDER BY embedding_vec <=> ?::vector, id LIMIT ?", (lit, lit, int(m))).fetchall()
+        out = []
+        for sid, sim in rows:
+            rec = self.get(sid)
+            rec.similarity = float(sim)
+            out.append(rec)
+        return out
 
     # -- connection -------------------------------------------------------------------
 
