@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from evolving_rl import prompts
+from evolving_rl.algorithms.grpo import trainable_parameters
 from evolving_rl.config import RolloutConfig, SFTConfig
 from evolving_rl.types import Episode, Segment, Task, Turn
 
@@ -165,7 +166,7 @@ def train_sft(policy, examples: list[Example], cfg: SFTConfig, *, seed: int, log
     model = policy.model
     model.train()
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.lr, weight_decay=cfg.weight_decay)  # float32 only
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = max(1, int(steps_per_epoch * cfg.epochs))
     t0 = time.perf_counter()

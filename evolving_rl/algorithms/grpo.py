@@ -304,7 +304,7 @@ def sample_weights(samples: list[Sample], mode: str = "episode") -> list[float]:
     return [1.0 / (len(per_episode) * per_episode[_episode_key(s)]) for s in samples]
 
 
-def _trainable_parameters(policy: Any) -> list[torch.nn.Parameter]:
+def trainable_parameters(policy: Any) -> list[torch.nn.Parameter]:
     """The policy's trainable weights, refused when they are not float32.
 
     AdamW's step is ~lr per weight; at the paper's lr 1e-6 that is below half a bf16 ulp for
@@ -316,8 +316,8 @@ def _trainable_parameters(policy: Any) -> list[torch.nn.Parameter]:
     if low:
         kinds = ", ".join(f"{n} in {d}" for d, n in low.items())
         raise ValueError(
-            f"model.dtype: the trainable weights are low precision ({kinds} tensors): an optimizer step of "
-            "~lr 1e-6 rounds away in them, so the model would not learn. Set model.dtype: float32 with "
+            f"model.dtype: the trainable weights are low precision ({kinds} tensors): a fine-tuning step "
+            "(~lr, 1e-6 in the 7B configs) rounds away in them, so the model would not learn. Set model.dtype: float32 with "
             "model.autocast: bfloat16 (float32 master weights, bf16 compute), or model.lora.enabled: true "
             "(the adapters are float32)"
         )
@@ -363,7 +363,7 @@ class GRPOUpdater:
                 "GRPOUpdater accumulates micro-batches itself; create the Accelerator with "
                 f"gradient_accumulation_steps=1 (got {accelerator.gradient_accumulation_steps})"
             )
-        self.params = _trainable_parameters(policy)
+        self.params = trainable_parameters(policy)
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if reference_policy is None and self._any_kl():
             raise ValueError("GRPOUpdater: kl_coef > 0 (config or a role) needs a reference_policy")
