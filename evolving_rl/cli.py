@@ -257,6 +257,76 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (train or e
 
 # -- skills --------------------------------------------------------------------------------
 
+# -- deployment: serve and evolve ----------------------------------------------------------
+
+
+@app.command()
+def serve(
+    config: Path = ConfigOpt,
+    overrides: list[str] = OverridesArg,
+    host: str = typer.Option(None, "--host", help="Listen address (default serve.host: 127.0.0.1, localhost only)."),
+    port: int = typer.Option(None, "--port", min=0, max=65535, help="Port (default serve.port)."),
+    library: Path = typer.Option(None, "--library", help="Skill library SQLite file (default serve.library)."),
+):
+    """Serve a self-evolving agent over HTTP: callers start episodes, ask for actions, end them with
+    the outcome; ended episodes become quarantined skills that are promoted or retired against a
+    no-skill control (thresholds: the evolve: config section). Library changes need the admin token
+    in $EVOLVING_RL_ADMIN_TOKEN. Endpoints: USAGE.md, "Serving a self-evolving agent"."""
+    try:
+        from evolving_rl.serve.app import serve as run_server
+    except ImportError as e:
+        _fail(str(e))
+    over = list(overrides or [])
+    over += [f"serve.host={host}"] if host else []
+    over += [f"serve.port={port}"] if port is not None else []
+    over += [f"serve.library={library}"] if library else []
+    cfg = _config(config, over)
+    if not Path(cfg.model.path).is_dir():
+        _fail(f"model.path: no model directory at {cfg.model.path}")
+    try:
+        run_server(cfg, say=console.print)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
+def evolve(
+    config: Path = ConfigOpt,
+    overrides: list[str] = OverridesArg,
+    split: str = typer.Option("eval_unseen", "--split", help="The task stream: a split of env.name's suite."),
+    library: Path = typer.Option(None, "--library", help="Skill library (default <run_dir>/skills.sqlite)."),
+    max_tasks: int = typer.Option(None, "--max-tasks", min=1, help="Only the first N tasks of the split."),
+    learn: bool = typer.Option(True, "--learn/--no-learn", help="--no-learn: a frozen library (skill transfer)."),
+    export: Path = typer.Option(None, "--export", help="Write the library to this JSON file afterwards."),
+    import_: Path = typer.Option(None, "--import", help="Admit the skills of an export first (each quarantined)."),
+):
+    """Test-time self-evolution over a task stream on any registered env, with the service's guardrails:
+    quarantine, a no-skill control share, promotion/retirement with confidence, audit log, versions."""
+    from evolving_rl.serve.evolver import SkillEvolver, run_evolve
+
+    cfg = _config(config, overrides)
+    lib = library or Path(cfg.run_dir) / "skills.sqlite"
+    if not Path(cfg.model.path).is_dir():
+        _fail(f"model.path: no model directory at {cfg.model.path}")
+    try:
+        if import_ is not None:
+            if not import_.is_file():
+                _fail(f"--import: no file at {import_}")
+            ids, rejected = SkillEvolver(lib, cfg.evolve).import_(import_, actor="cli", reason=f"import {import_.name}")
+            console.print(f"imported {len(ids)} skills (quarantined)" + "".join(f"\n  rejected {r}" for r in rejected))
+        summary = run_evolve(cfg, split, library=lib, max_tasks=max_tasks, learn=learn, out=cfg.run_dir,
+                             say=console.print)
+        if export is not None:
+            console.print(f"{SkillEvolver(lib, cfg.evolve).export(export)} skills -> {export}")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    for arm, a in sorted(summary["arms"].items()):
+        console.print(f"{arm:<10} {a['wins']}/{a['episodes']} won")
+    console.print(f"skills: " + ", ".join(f"{n} {k}" for k, n in summary["counts"].items()) +
+                  f"; library version {summary['library_version']}; {summary['episodes']} episodes in "
+                  f"{summary['wall_s']} s -> {summary.get('written')}")
+
+
 
 @skills_app.command("check")
 def skills_check(files: list[Path] = typer.Argument(..., help="Files of raw extractor output."),

@@ -141,17 +141,20 @@ def test_rollback_restores_a_version_exactly(tmp_path):
         ev.rollback(999, actor="admin", reason="x")
 
 
-def test_merge_with_new_card_requarantines(tmp_path):
+def test_near_duplicate_keeps_the_measured_skill(tmp_path):
     ev = _evolver(tmp_path, "evolve.min_uses=2", "evolve.confidence=0.6")
     sid = ev.admit(*_skill("find-objects"), _vec(0), {"success": True}, actor="test", reason="unit")
     for _ in range(3):
         ev.record(Decision("trial", sid), 1.0)
         ev.record(Decision("control", credited=[sid]), 0.0)
     assert ev.statuses([sid])[sid] == "promoted"
+    card, v = ev.library.get(sid).card, ev.current_version()
     same = ev.admit(*_skill("find-objects-v2", "look in the drawers first"), _vec(0), {"success": True},
                     actor="test", reason="unit")
-    assert same == sid and ev.statuses([sid])[sid] == "quarantined" and ev.skill(sid)["uses"] == 0
-    assert ev.audit_log(sid)[0]["action"] == "merge" and ev.audit_log(sid)[0]["detail"]["card_replaced"] is True
+    assert same == sid and ev.library.get(sid).card == card and ev.statuses([sid])[sid] == "promoted"
+    assert ev.current_version() == v and ev.skill(sid)["uses"] == 3  # not a change: nothing logged
+    other = ev.admit(*_skill("heat-then-place", "heat it first"), _vec(1), {}, actor="test", reason="unit")
+    assert other != sid and ev.statuses([other])[other] == "quarantined"
 
 
 def test_queue_survives_a_restart_and_export_import(tmp_path):

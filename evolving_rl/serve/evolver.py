@@ -14,7 +14,7 @@ at random:
 
 After each outcome the guardrail (`guardrails.decide`) promotes a quarantined skill that beats
 its control with confidence and retires any skill that does worse with confidence. Every
-change (add, merge, promote, retire, restore, rollback, import) is one row of an append-only
+change (add, promote, retire, restore, rollback, import) is one row of an append-only
 audit log (who, why, the numbers) and one new library **version** holding a full snapshot, so a
 rollback restores any earlier version exactly (as a new version: history is never rewritten).
 
@@ -198,29 +198,25 @@ class SkillEvolver:
         return reasons
 
     def admit(self, skill: Any, card: str, embedding: Any, provenance: dict | None, *, actor: str, reason: str) -> int:
-        """Store a skill quarantined (or merge it into a near-duplicate); returns its id.
+        """Store a skill, quarantined; returns its id.
 
-        A merge that replaces a skill's card sends it back to quarantine with fresh counts: the
-        numbers measured the old text, not this one."""
+        A newcomer whose task embedding is a near-duplicate (library.dedup_threshold) of a live
+        skill's is not stored and the live skill's id is returned: that skill's text is the one
+        being measured against its control, and replacing it on every episode of a frequent task
+        would restart the measurement forever."""
         reasons = self.check(card)
         if reasons:
             raise SkillRejected("; ".join(reasons))
+        near = self.library.retrieve(embedding, 1)
+        if near and near[0].similarity is not None and near[0].similarity >= self.library.dedup_threshold:
+            return near[0].id
         if len(self.library) >= self.cfg.max_skills:
             raise SkillRejected(f"the library holds evolve.max_skills={self.cfg.max_skills} live skills; retire some first")
-        before = {r.id: r.card for r in self.library.list(include_retired=False)}
-        sid = self.library.add(skill, card, embedding, provenance or {})
+        sid = self.library.add(skill, card, embedding, provenance or {}, merge=False)
         with self.library._write() as db:
-            if sid not in before:
-                db.execute(f"INSERT OR REPLACE INTO skill_lifecycle ({_LIFE_COLS}) VALUES (?, 'quarantined', 0, 0, 0, 0, ?, ?)",
-                           (sid, "new: quarantined until it beats its no-skill control", time.time()))
-                self._change(db, actor, "add", sid, reason, {"provenance": provenance or {}})
-            elif before[sid] != self.library.get(sid).card:
-                db.execute("UPDATE skill_lifecycle SET status='quarantined', uses=0, wins=0, ctrl_uses=0, ctrl_wins=0, "
-                           "reason=?, updated_at=? WHERE skill_id=?",
-                           ("merged with a new card: quarantined, measured afresh", time.time(), sid))
-                self._change(db, actor, "merge", sid, reason, {"provenance": provenance or {}, "card_replaced": True})
-            else:
-                self._change(db, actor, "merge", sid, reason, {"provenance": provenance or {}, "card_replaced": False})
+            db.execute(f"INSERT OR REPLACE INTO skill_lifecycle ({_LIFE_COLS}) VALUES (?, 'quarantined', 0, 0, 0, 0, ?, ?)",
+                       (sid, "new: quarantined until it beats its no-skill control", time.time()))
+            self._change(db, actor, "add", sid, reason, {"provenance": provenance or {}})
         return sid
 
     # -- the arms -------------------------------------------------------------------------
@@ -471,10 +467,11 @@ def extract_into(evolver: SkillEvolver, policy, episodes, embeddings, provenance
             results[i] = {"skill_id": None, "rejected": list(c.reasons)}
             continue
         try:
+            before = evolver.current_version()
             sid = evolver.admit(c.skill, c.card, embeddings[i], provenances[i], actor=actor,
                                 reason=f"extracted from {'a won' if episodes[i].won else 'a lost'} episode of "
                                        f"{episodes[i].task.id}")
-            results[i] = {"skill_id": sid, "rejected": []}
+            results[i] = {"skill_id": sid, "rejected": [], "duplicate": evolver.current_version() == before}
         except SkillRejected as e:
             results[i] = {"skill_id": None, "rejected": [str(e)]}
     return results
@@ -517,3 +514,50 @@ def evolve_stream(evolver: SkillEvolver, rollout, policy, embedder, tasks, sampl
         if progress:
             progress(min(start + wave, len(stream)), len(stream))
     return episodes, log
+
+
+def run_evolve(cfg, split: str, *, library: str | Path, max_tasks: int | None = None, learn: bool = True,
+               out: str | Path | None = None, say=print) -> dict:
+    """`evolving-rl evolve`: test-time self-evolution over one split of any registered env.
+
+    Writes `<out>/evolve_<split>.json` (per-episode log, per-arm success, the library's skills
+    with their lift) and returns the same summary."""
+    from evolving_rl.builders import build_policy, build_pool, build_rollout, build_suite
+    from evolving_rl.retrieval import make_embedder
+
+    suite = build_suite(cfg)
+    if split not in suite.splits():
+        raise ValueError(f"--split: {cfg.env.name} has no split {split!r}; it has {', '.join(suite.splits())}")
+    tasks = suite.tasks(split)[:max_tasks] if max_tasks else suite.tasks(split)
+    if not tasks:
+        raise ValueError(f"--split {split}: no tasks")
+    policy = build_policy(cfg)
+    ev = cfg.evolving
+    evolver = SkillEvolver(SkillLibrary(library, cfg.library.dedup_threshold), cfg.evolve,
+                           min_chars=ev.min_skill_chars, max_chars=ev.max_skill_chars)
+    greedy = {"temperature": 0.0} if cfg.eval.greedy else {}
+    t0 = time.perf_counter()
+    with build_pool(cfg) as pool:
+        rollout = build_rollout(cfg, policy, pool)
+        episodes, log = evolve_stream(
+            evolver, rollout, policy, make_embedder(cfg.retrieval.embedder), tasks,
+            cfg.rollout.solver.model_copy(update=greedy), cfg.rollout.extractor.model_copy(update=greedy),
+            wave=cfg.evolve.wave, seed=cfg.evolve.seed, model_name=cfg.model.path,
+            max_trajectory_chars=ev.max_trajectory_chars, learn=learn)
+    arms: dict[str, dict] = {}
+    for row in log:
+        if not row["failed"]:
+            a = arms.setdefault(row["arm"], {"episodes": 0, "wins": 0})
+            a["episodes"] += 1
+            a["wins"] += int(row["won"])
+    summary = {"split": split, "env": cfg.env.name, "model": cfg.model.path, "library": str(library),
+               "episodes": len(log), "wall_s": round(time.perf_counter() - t0, 1), "arms": arms,
+               "skills": evolver.skills(), "counts": evolver.counts(), "library_version": evolver.current_version(),
+               "log": log}
+    if out is not None:
+        path = Path(out) / f"evolve_{split}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1))
+        summary["written"] = str(path)
+    evolver.close()
+    return summary
