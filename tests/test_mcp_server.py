@@ -107,17 +107,23 @@ def server_args(lib: Path, *extra: str) -> list[str]:
     return ["-m", "evolving_rl.cli", "skills", "mcp", str(lib), *extra]
 
 
-def test_stdio_server_serves_skills_read_only(library):
-    path, ids = library
-    before = path.read_bytes()
-    params = StdioServerParameters(command=sys.executable, args=server_args(path),
+def over_stdio(lib: Path | str, check) -> None:
+    """Launch `evolving-rl skills mcp LIB` as the client's subprocess (read-only: no admin token)
+    and run `await check(client)` against it."""
+    params = StdioServerParameters(command=sys.executable, args=server_args(lib),
                                    env={"EVOLVING_RL_ADMIN_TOKEN": "", "OMP_WAIT_POLICY": "PASSIVE"})
 
     async def main():
         async with Client(params, read_timeout_seconds=180) as client:
-            await exercise(client, ids, admin=False)
+            await check(client)
 
     anyio.run(main)
+
+
+def test_stdio_server_serves_skills_read_only(library):
+    path, ids = library
+    before = path.read_bytes()
+    over_stdio(path, lambda client: exercise(client, ids, admin=False))
     assert path.read_bytes() == before  # read-only: not one byte of the library changed
     assert not SkillLibrary(path).get(ids["fenced_json.txt"]).retired
 
@@ -187,14 +193,7 @@ def test_stdio_server_on_postgres(library, tmp_path):
         pg = open_library(loc)
         assert pg.import_jsonl(tmp_path / "lib.jsonl") == sorted(ids.values())
         pg.close()
-        params = StdioServerParameters(command=sys.executable, args=server_args(loc),
-                                       env={"EVOLVING_RL_ADMIN_TOKEN": "", "OMP_WAIT_POLICY": "PASSIVE"})
-
-        async def main():
-            async with Client(params, read_timeout_seconds=180) as client:
-                await exercise(client, ids, admin=False)
-
-        anyio.run(main)
+        over_stdio(loc, lambda client: exercise(client, ids, admin=False))
     finally:
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -211,16 +210,13 @@ def test_stdio_server_serves_only_what_the_service_promoted(library, tmp_path):
     with ev.library._write() as db:
         ev._set_status(db, ids["fenced_json.txt"], "promoted", "beats the no-skill control")
     ev.close()
-    params = StdioServerParameters(command=sys.executable, args=server_args(path),
-                                   env={"EVOLVING_RL_ADMIN_TOKEN": "", "OMP_WAIT_POLICY": "PASSIVE"})
 
-    async def main():
-        async with Client(params, read_timeout_seconds=180) as client:
-            listed = data(await client.call_tool("list_skills", {}))
-            assert [s["id"] for s in listed["skills"]] == [ids["fenced_json.txt"]]
-            found = data(await client.call_tool("search_skills", {"task": "heat an egg in the microwave", "k": 3}))
-            assert [s["id"] for s in found["skills"]] == [ids["fenced_json.txt"]]  # quarantined ones held back
-            assert "no such promoted skill" in error_text(
-                await client.call_tool("get_skill", {"skill_id": ids["valid_pure.txt"]}))
+    async def check(client):
+        listed = data(await client.call_tool("list_skills", {}))
+        assert [s["id"] for s in listed["skills"]] == [ids["fenced_json.txt"]]
+        found = data(await client.call_tool("search_skills", {"task": "heat an egg in the microwave", "k": 3}))
+        assert [s["id"] for s in found["skills"]] == [ids["fenced_json.txt"]]  # quarantined ones held back
+        assert "no such promoted skill" in error_text(
+            await client.call_tool("get_skill", {"skill_id": ids["valid_pure.txt"]}))
 
-    anyio.run(main)
+    over_stdio(path, check)
