@@ -237,6 +237,8 @@ def eval_cmd(
     for p in protocol or []:
         if p not in ("no_skill", "one_shot", "library"):
             _fail(f"--protocol: unknown protocol {p!r}; allowed: no_skill, one_shot, library")
+    if tag in ("", ".", "..") or "/" in tag or "\\" in tag:  # it names eval/<tag>.json: no path may escape
+        _fail(f"--tag: {tag!r} must be a plain name (it names eval/<tag>.json), without / or \\")
     _model_files(checkpoint, "--checkpoint")
     try:
         evaluate_checkpoint(cfg, checkpoint, out or cfg.run_dir, tag=tag, protocols=protocol or None,

@@ -55,6 +55,8 @@ def write_demos(
     if not tasks:
         raise ValueError(f"{cfg.env.name}: split {split!r} has no tasks")
     out = Path(out_path)
+    if out.is_dir():
+        raise ValueError(f"demos output {out} is a directory; give the JSONL file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     close_suite = getattr(suite, "close", None)  # engine-backed suites (TWX) hold a JVM
     if close_suite:
@@ -62,19 +64,23 @@ def write_demos(
     t0 = time.perf_counter()
     stats = {"episodes": 0, "won": 0, "failed": len(failures), "steps": 0}
     live = SLOTS_PER_WORKER * max(1, cfg.env.num_workers)
-    partial = out.with_name(out.name + ".partial")  # a run that stops midway leaves no short demo file
-    with build_pool(cfg) as pool, partial.open("w") as f:
-        for i, record in enumerate(expert_episodes(pool, tasks, cfg.env.max_steps, live), 1):
-            if error := record.pop("error", None):
-                stats["failed"] += 1
-                failures.append(f"{record['task']['locator']}: {error}")
-            else:
-                f.write(json.dumps(record) + "\n")
-                stats["episodes"] += 1
-                stats["won"] += bool(record["won"])
-                stats["steps"] += len(record["steps"])
-            if progress:
-                progress(i, len(tasks))
+    partial = out.with_name(out.name + ".partial")  # a run that stops midway leaves no demo file, short or partial
+    try:
+        with build_pool(cfg) as pool, partial.open("w") as f:
+            for i, record in enumerate(expert_episodes(pool, tasks, cfg.env.max_steps, live), 1):
+                if error := record.pop("error", None):
+                    stats["failed"] += 1
+                    failures.append(f"{record['task']['locator']}: {error}")
+                else:
+                    f.write(json.dumps(record) + "\n")
+                    stats["episodes"] += 1
+                    stats["won"] += bool(record["won"])
+                    stats["steps"] += len(record["steps"])
+                if progress:
+                    progress(i, len(tasks))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(out)
     return {**stats, "failures": failures, "wall_s": time.perf_counter() - t0, "path": str(out)}
 

@@ -275,6 +275,12 @@ CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]]
      "env.games_dir=GAMES", "rollout.max_prompt_tokens=128"], ["d.jsonl:1"], ["TMP/s"]),
     ("sft-model-missing", _none, ["sft", "--out", "TMP/s", "model.path=TMP/nowhere"], ["model.path", "nowhere"],
      ["TMP/s"]),
+    ("eval-tag-with-slash", _games_case("none"), ["eval", "--checkpoint", "MODEL", "--out", "TMP/out", "--tag", "a/b",
+     "env.games_dir=GAMES"], ["--tag", "a/b"], ["TMP/out"]),
+    ("eval-tag-escapes", _games_case("none"), ["eval", "--checkpoint", "MODEL", "--out", "TMP/out", "--tag", "..",
+     "env.games_dir=GAMES"], ["--tag", "'..'"], ["TMP/out"]),
+    ("demos-out-is-a-directory", _games_case("none"), ["games", "demos", "--games", "GAMES", "--out", "TMP",
+     "--max-tasks", "1"], ["is a directory"], ["TMP.partial"]),
     # report
     ("report-on-a-file", _write("run.txt", "x"), ["report", "FILE"], ["run.txt"], []),
 ]
