@@ -397,10 +397,11 @@ def _format(fmt: str) -> str:
     return fmt
 
 
-def _service_lifecycle(library: Path):
-    """The deployment service's lifecycle of a library it has run on (`serve`, `evolve`), as
-    {id: {"status", "lift"}}, so only promoted skills leave it; None for a library without one
-    (then every live skill counts as promoted) or a PostgreSQL one (the service runs on SQLite)."""
+def _service_evolver(library: Path):
+    """The deployment service's lifecycle engine on a library it has run on (`serve`, `evolve`),
+    so only its promoted skills leave the library and retirements go through its audit log;
+    None for a library without one (then every live skill counts as promoted) or a PostgreSQL
+    one (the service runs on SQLite)."""
     from evolving_rl.skills.pg_library import is_postgres
 
     if is_postgres(str(library)):
@@ -412,18 +413,18 @@ def _service_lifecycle(library: Path):
         return None
     from evolving_rl.serve.evolver import SkillEvolver
 
-    evolver = SkillEvolver(Path(library), _config(None, []).evolve)
+    return SkillEvolver(Path(library), _config(None, []).evolve)
 
-    def lifecycle() -> dict[int, dict]:
-        out = {}
-        for s in evolver.skills():
-            lo, hi = s["lift"]["ci95"]
-            out[s["id"]] = {"status": s["status"], "lift": (
-                f"{s['lift']['mean']:+.3f} (95% interval {lo:+.3f} to {hi:+.3f}; success {s['wins']:g}/{s['uses']} "
-                f"vs no-skill control {s['ctrl_wins']:g}/{s['ctrl_uses']})")}
-        return out
 
-    return lifecycle
+def _lifecycle(evolver) -> dict[int, dict]:
+    """{id: {"status", "lift"}} as agent_skills.exportable and the MCP server read it."""
+    out = {}
+    for s in evolver.skills():
+        lo, hi = s["lift"]["ci95"]
+        out[s["id"]] = {"status": s["status"], "lift": (
+            f"{s['lift']['mean']:+.3f} (95% interval {lo:+.3f} to {hi:+.3f}; success {s['wins']:g}/{s['uses']} "
+            f"vs no-skill control {s['ctrl_wins']:g}/{s['ctrl_uses']})")}
+    return out
 
 
 @skills_app.command("export")
@@ -434,8 +435,8 @@ def skills_export(library: Path = typer.Argument(...),
         from evolving_rl.skills.agent_skills import export_agent_skills
 
         try:
-            lifecycle = _service_lifecycle(library)
-            res = export_agent_skills(_library(library), out, lifecycle=lifecycle and lifecycle())
+            evolver = _service_evolver(library)
+            res = export_agent_skills(_library(library), out, lifecycle=evolver and _lifecycle(evolver))
         except (ValueError, OSError) as e:
             _fail(str(e))
         for m in res.messages:
@@ -488,8 +489,11 @@ def skills_mcp(library: str = typer.Argument(..., help="The skill library to ser
         _fail(f"--transport: unknown transport {transport!r}; allowed: stdio, http")
     if not is_postgres(library):
         _library(Path(library)).close()  # a missing or foreign file fails here, before the protocol starts
+    evolver = _service_evolver(library)
     try:
-        serve_mcp(library, transport=transport, host=host, port=port, lifecycle=_service_lifecycle(library))
+        serve_mcp(library, transport=transport, host=host, port=port,
+                  lifecycle=evolver and (lambda: _lifecycle(evolver)),
+                  retire=evolver and (lambda sid, reason: evolver.retire(sid, actor="mcp admin", reason=reason)))
     except (ImportError, ValueError) as e:
         _fail(str(e))
 

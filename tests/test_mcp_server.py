@@ -107,11 +107,11 @@ def server_args(lib: Path, *extra: str) -> list[str]:
     return ["-m", "evolving_rl.cli", "skills", "mcp", str(lib), *extra]
 
 
-def over_stdio(lib: Path | str, check) -> None:
-    """Launch `evolving-rl skills mcp LIB` as the client's subprocess (read-only: no admin token)
-    and run `await check(client)` against it."""
+def over_stdio(lib: Path | str, check, token: str = "") -> None:
+    """Launch `evolving-rl skills mcp LIB` as the client's subprocess (read-only unless a token
+    is given) and run `await check(client)` against it."""
     params = StdioServerParameters(command=sys.executable, args=server_args(lib),
-                                   env={"EVOLVING_RL_ADMIN_TOKEN": "", "OMP_WAIT_POLICY": "PASSIVE"})
+                                   env={"EVOLVING_RL_ADMIN_TOKEN": token, "OMP_WAIT_POLICY": "PASSIVE"})
 
     async def main():
         async with Client(params, read_timeout_seconds=180) as client:
@@ -218,5 +218,13 @@ def test_stdio_server_serves_only_what_the_service_promoted(library, tmp_path):
         assert [s["id"] for s in found["skills"]] == [ids["fenced_json.txt"]]  # quarantined ones held back
         assert "no such promoted skill" in error_text(
             await client.call_tool("get_skill", {"skill_id": ids["valid_pure.txt"]}))
+        done = await client.call_tool("retire_skill", {"skill_id": ids["fenced_json.txt"], "reason": "stale",
+                                                       "admin_token": TOKEN})
+        assert data(done) == {"retired": ids["fenced_json.txt"]}
+        assert data(await client.call_tool("list_skills", {}))["total"] == 0
 
-    over_stdio(path, check)
+    over_stdio(path, check, token=TOKEN)
+    ev = SkillEvolver(path, load_config(None, []).evolve)
+    assert ev.statuses([ids["fenced_json.txt"]]) == {ids["fenced_json.txt"]: "retired"}
+    (row,) = ev.audit_log(ids["fenced_json.txt"], limit=1)  # the retirement went through the service's log
+    assert (row["actor"], row["action"], row["reason"]) == ("mcp admin", "retire", "mcp admin: stale")

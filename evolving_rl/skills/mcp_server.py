@@ -51,11 +51,13 @@ def _summary(rec: Any) -> dict:
 
 
 def build_server(library: Any, admin_token: str | None = None, embed: Any = None,
-                 lifecycle: Callable[[], Mapping[int, Mapping[str, Any]]] | None = None) -> Any:
+                 lifecycle: Callable[[], Mapping[int, Mapping[str, Any]]] | None = None,
+                 retire: Callable[[int, str], Any] | None = None) -> Any:
     """An MCPServer over an open library. `embed(texts) -> rows` defaults to the shared MiniLM,
     loaded on the first search so listing and reading start at once. `lifecycle()` gives the
     deployment service's current statuses (see `agent_skills.exportable`); without it every
-    live skill counts as promoted."""
+    live skill counts as promoted. `retire(id, reason)` defaults to the library's own; the
+    service's goes through its audit log."""
     try:
         from mcp.server.mcpserver import MCPServer
         from mcp.server.mcpserver.exceptions import ToolError
@@ -131,9 +133,9 @@ def build_server(library: Any, admin_token: str | None = None, embed: Any = None
             if not hmac.compare_digest(admin_token.encode(), expected):
                 raise ToolError(f"admin_token: wrong token (the one this server was started with in {ADMIN_TOKEN_ENV})")
             try:
-                library.retire(skill_id, f"mcp admin: {reason}")
-            except KeyError:
-                raise ToolError(f"skill_id {skill_id}: not in the library") from None
+                (retire or library.retire)(skill_id, f"mcp admin: {reason}")
+            except (KeyError, ValueError) as e:  # not in the library, or already retired
+                raise ToolError(f"skill_id {skill_id}: {e.args[0] if e.args else e}") from None
             return {"retired": skill_id}
 
     return server
@@ -145,14 +147,15 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     lifecycle: Callable[[], Mapping[int, Mapping[str, Any]]] | None = None,
+    retire: Callable[[int, str], Any] | None = None,
 ) -> None:
-    """Run until the client closes stdin (stdio) or the process is stopped (http). `lifecycle`:
-    as in `build_server` (the CLI passes the service's when the library has one)."""
+    """Run until the client closes stdin (stdio) or the process is stopped (http). `lifecycle`,
+    `retire`: as in `build_server` (the CLI passes the service's when the library has one)."""
     from evolving_rl.skills.pg_library import open_library
 
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     library = open_library(library_path, mode="write" if token else "read")
-    server = build_server(library, admin_token=token, lifecycle=lifecycle)
+    server = build_server(library, admin_token=token, lifecycle=lifecycle, retire=retire)
     if transport == "stdio":
         server.run("stdio")
     elif transport == "http":
