@@ -94,7 +94,6 @@ class HFPolicy:
         cfg: ModelConfig,
         device: str | torch.device = "cpu",
         *,
-        autocast_dtype: torch.dtype | None = None,
         compact_fraction: float = 0.25,
     ) -> None:
         path = Path(cfg.path)
@@ -105,9 +104,7 @@ class HFPolicy:
         # are not rounded away) while forward passes compute in the autocast dtype. On CPUs
         # with avx512_bf16 bf16 is also 1.5-2x faster (SPEC). Log-probs then agree between
         # sampling and scoring only to bf16 precision, so the tiny configs leave it off.
-        if autocast_dtype is None and cfg.autocast != "none":
-            autocast_dtype = _DTYPES[cfg.autocast]
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype: torch.dtype | None = None if cfg.autocast == "none" else _DTYPES[cfg.autocast]
         # Drop finished rows from the batch (and the KV cache) once this share of it is done.
         self.compact_fraction = compact_fraction
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
