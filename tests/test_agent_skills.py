@@ -194,6 +194,11 @@ def test_import_foreign_edited_and_invalid_folders(tmp_path):
         "---\nname: water-the-plants\ndescription: Water every plant in the garden when the soil is dry.\n"
         "metadata:\n  author: another-agent\n---\n\n# Watering\n\n1. Go to each plant.\n2. Pour water until the soil is damp.\n",
         encoding="utf-8")
+    windows = src / "sweep-the-floor"  # saved by a Windows editor: BOM and CRLF line ends
+    windows.mkdir()
+    (windows / "SKILL.md").write_bytes(
+        "\ufeff---\r\nname: sweep-the-floor\r\ndescription: Sweep the floor of a room when it is dusty.\r\n---\r\n\r\n"
+        "# Sweeping\r\n\r\n1. Take the broom.\r\n2. Sweep every corner of the room.\r\n".encode())
     bad = {
         "wrong-folder": "---\nname: other-name\ndescription: d\n---\nbody text\n",
         "no-front": "# just markdown\n",
@@ -207,7 +212,7 @@ def test_import_foreign_edited_and_invalid_folders(tmp_path):
         (src / name / "SKILL.md").write_text(text, encoding="utf-8")
 
     res = import_agent_skills(lib, src, embed=embedder.embed)
-    assert res.restored == [] and len(res.added) == 2
+    assert res.restored == [] and len(res.added) == 3
     skipped = [m for m in res.messages if m.startswith("skipped")]
     assert len(skipped) == len(bad)
     for name in bad:
@@ -215,7 +220,9 @@ def test_import_foreign_edited_and_invalid_folders(tmp_path):
     assert any("changed since export" in m for m in res.messages)
     edited = lib.get(res.added[0])
     assert "(edited by a person)" in edited.card and edited.skill["name"] == s.name and edited.uses == 0
-    water = lib.get(res.added[1])
+    sweep = lib.get(res.added[1])
+    assert sweep.name == "sweep-the-floor" and sweep.card.startswith("# Sweeping\n\n1. Take the broom.\n")
+    water = lib.get(res.added[2])
     assert water.skill == {"name": "water-the-plants", "description": "Water every plant in the garden when the soil is dry.",
                            "metadata": {"author": "another-agent"}}
     assert water.provenance["extra"]["imported_from"] == "agent-skills"

@@ -141,6 +141,7 @@ def skill_md(name: str, description: str, metadata: dict[str, str], body: str) -
 
 def split_skill_md(text: str, where: str) -> tuple[dict, str]:
     """(front matter, body) of one SKILL.md; ValueError naming `where` and the rule broken."""
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")  # files saved by Windows editors
     if not text.startswith("---\n"):
         raise ValueError(f"{where}: must start with a '---' line opening the YAML front matter")
     end = text.find("\n---", 3)
