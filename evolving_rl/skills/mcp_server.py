@@ -83,23 +83,23 @@ def build_server(library: Any, admin_token: str | None = None, embed: Any = None
             raise ToolError(f"skill_id {skill_id}: no such promoted skill; list_skills or search_skills give valid ids")
         return rec
 
+    # The tools are coroutines so they run on the event loop's thread: the SDK runs plain
+    # functions in worker threads, and the library's SQLite connection belongs to one thread.
+    # Each call is a few milliseconds of SQLite and at most one MiniLM query embedding.
     @server.tool(description="List the library's promoted skills (id, name, description, uses, success when used), "
                  f"by id, a page of at most {MAX_PAGE}. " + UNTRUSTED)
     async def list_skills(offset: Annotated[int, Field(ge=0)] = 0,
-                    limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = 50) -> dict:
+                          limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = 50) -> dict:
         life = lifecycle and lifecycle()
         recs = [r for r in library.list(include_retired=True) if exportable(r, life)]
         return {"total": len(recs), "offset": offset, "skills": [_summary(r) for r in recs[offset : offset + limit]]}
 
     state: dict[str, Any] = {"embed": embed}
-    # The tools are coroutines so they run on the event loop's thread: the SDK runs plain
-    # functions in worker threads, and the library's SQLite connection belongs to one thread.
-    # Each call is a few milliseconds of SQLite and at most one MiniLM query embedding.
 
     @server.tool(description="Find the k promoted skills most relevant to a task, described in plain text (the "
                  "same MiniLM retrieval the agent uses), best first, with their cards. " + UNTRUSTED)
     async def search_skills(task: Annotated[str, Field(min_length=1, max_length=MAX_TASK_CHARS)],
-                      k: Annotated[int, Field(ge=1, le=MAX_K)] = 3) -> dict:
+                            k: Annotated[int, Field(ge=1, le=MAX_K)] = 3) -> dict:
         if not task.strip():
             raise ToolError("task: give the task in words, e.g. 'put a clean mug in the coffee machine'")
         if state["embed"] is None:
@@ -128,8 +128,8 @@ def build_server(library: Any, admin_token: str | None = None, embed: Any = None
         @server.tool(description="Admin: retire a skill so it is never retrieved again (kept for audit). "
                      "Needs the server's admin token.")
         async def retire_skill(skill_id: Annotated[int, Field(ge=1, le=2**63 - 1)],
-                         reason: Annotated[str, Field(min_length=1, max_length=500)],
-                         admin_token: Annotated[str, Field(max_length=1000)]) -> dict:
+                               reason: Annotated[str, Field(min_length=1, max_length=500)],
+                               admin_token: Annotated[str, Field(max_length=1000)]) -> dict:
             if not hmac.compare_digest(admin_token.encode(), expected):
                 raise ToolError(f"admin_token: wrong token (the one this server was started with in {ADMIN_TOKEN_ENV})")
             try:
@@ -155,7 +155,12 @@ def serve(
 
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     library = open_library(library_path, mode="write" if token else "read")
-    server = build_server(library, admin_token=token, lifecycle=lifecycle, retire=retire)
+    embed = None
+    if transport == "http":  # many clients share the loop: load MiniLM before the first one waits on it
+        from evolving_rl.retrieval import make_embedder
+
+        embed = make_embedder().embed
+    server = build_server(library, admin_token=token, embed=embed, lifecycle=lifecycle, retire=retire)
     if transport == "stdio":
         server.run("stdio")
     elif transport == "http":
