@@ -209,13 +209,14 @@ def env_suites(cfg, work: Path) -> dict[str, tuple[str, dict, Any]]:
 
 
 def pool_rate(name: str, options: dict, tasks: list, workers: int, budget_steps: int, slots: int = 8,
-              timeout_s: float = 120.0, max_s: float = 30.0) -> dict:
+              timeout_s: float = 120.0, max_s: float = 30.0, pool_class: Any = None) -> dict:
     """Expert play (first admissible action where the engine has no expert) on `slots` live
-    episodes through EnvPool, as the rollout drives it: one step call for all slots per turn.
-    Stops after `budget_steps` steps or `max_s` seconds (ScienceWorld runs ~5 steps/s here)."""
+    episodes through EnvPool (or `pool_class`, e.g. RayEnvPool), as the rollout drives it: one
+    step call for all slots per turn. Stops after `budget_steps` steps or `max_s` seconds
+    (ScienceWorld runs ~5 steps/s here)."""
     from evolving_rl.envs.workers import EnvPool
 
-    with EnvPool(name, options, workers, timeout_s) as pool:
+    with (pool_class or EnvPool)(name, options, workers, timeout_s) as pool:
         t = time.perf_counter()
         live = pool.reset([(s, tasks[s % len(tasks)]) for s in range(slots)])
         first_reset_s = time.perf_counter() - t

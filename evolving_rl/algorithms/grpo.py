@@ -339,9 +339,12 @@ class GRPOUpdater:
 
     With an `accelerate.Accelerator`, backward and gradient clipping go through it. Our own
     micro-batching does the accumulation, so the accelerator's gradient_accumulation_steps
-    must be 1. Under data parallelism each process's loss is its own samples' mean; the
-    all-reduce averages those, which equals the global mean only when every process holds
-    the same number of samples.
+    must be 1. Over several processes (DDP-style data parallelism) every process is given
+    the same whole batch: advantages and per-sample weights are computed on all of it, each
+    process runs only its shard (every num_processes-th sample, longest first) through the
+    model, and the gradients are summed across processes before clipping. The loss is then
+    exactly the single-process loss (up to float summation order), whatever the shards'
+    sizes, and every process takes the same optimizer step.
     """
 
     def __init__(
@@ -426,8 +429,14 @@ class GRPOUpdater:
         # Per role: weighted sums of the sample-mean terms, sums of the token-share terms.
         sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         total = 0.0
-        for chunk in micro_batches([len(s.segment.token_ids) for s, _, _ in active], cfg.micro_batch_tokens):
-            batch = [active[i] for i in chunk]
+        rank, world = self._process()
+        shard = active
+        if world > 1:  # longest first, dealt round-robin: shards of similar token counts
+            order = sorted(range(len(active)), key=lambda i: -len(active[i][0].segment.token_ids))
+            shard = [active[i] for i in order[rank::world]]
+        metrics["loss/process_samples"] = float(len(shard))
+        for chunk in micro_batches([len(s.segment.token_ids) for s, _, _ in shard], cfg.micro_batch_tokens):
+            batch = [shard[i] for i in chunk]
             terms = self._micro_batch_terms(batch)
             w = torch.tensor([w for _, _, w in batch], dtype=terms["loss"].dtype, device=terms["loss"].device)
             loss = (w * terms["loss"]).sum()  # this chunk's share of the batch loss
@@ -444,6 +453,8 @@ class GRPOUpdater:
                     acc[k + "_tokens"] += float(terms[k + "_tokens"][b])
                 acc["tokens"] += float(terms["tokens"][b])
 
+        if world > 1:
+            total, sums = self._sum_over_processes(total, sums)
         if active:
             if self.accelerator is not None:
                 grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -472,6 +483,33 @@ class GRPOUpdater:
             if prefix != "loss/":
                 metrics[prefix + "weight"] = weight
         return metrics
+
+    def _process(self) -> tuple[int, int]:
+        """(this process's index, number of processes); (0, 1) without an accelerator."""
+        if self.accelerator is None:
+            return 0, 1
+        return int(self.accelerator.process_index), int(self.accelerator.num_processes)
+
+    def _sum_over_processes(self, total: float, sums: dict) -> tuple[float, dict]:
+        """Sum the shards' gradients (every process, also one whose shard was empty, since the
+        collective needs all of them) and their metric sums."""
+        import torch.distributed as dist
+        from accelerate.utils import gather_object
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+        merged: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        parts = gather_object([(total, {r: dict(v) for r, v in sums.items()})])
+        for _, part in parts:
+            for role, acc in part.items():
+                for k, v in acc.items():
+                    merged[role][k] += v
+        return sum(t for t, _ in parts), merged
 
     def _micro_batch_terms(self, batch: list[tuple[Sample, _Coefficients, float]]) -> dict[str, torch.Tensor]:
         segments: list[Segment] = [s.segment for s, _, _ in batch]
