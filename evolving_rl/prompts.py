@@ -26,6 +26,7 @@ AGENT_ROLE = {  # the solver's and extractor's framing, per environment
     "mind2web": "a web agent operating a website through its elements (CLICK [ref], TYPE [ref] text, SELECT [ref] option)",
     "scienceworld": "a science agent running experiments in a text world",
     "twx": "an agent playing a text game",
+    "twc": "an agent tidying up a house in a text game",
     "textworld": "an agent playing a text adventure",
 }
 SOLVER_SYSTEM = (

@@ -85,6 +85,7 @@ def _load_builtin() -> None:
         "evolving_rl.envs.alfworld",
         "evolving_rl.envs.mind2web",
         "evolving_rl.envs.twx",
+        "evolving_rl.envs.twc",
         "evolving_rl.envs.scienceworld",
         "evolving_rl.envs.textworld_env",
     ):

@@ -1,0 +1,211 @@
+"""The twc skill-transfer warm start and its check (issue 16; the benchmark is evolving_rl/envs/twc.py).
+
+    .venv/bin/python benchmarks/skill_transfer.py warmstart [--out checkpoints/tiny-twc-sft] [key=value ...]
+    .venv/bin/python benchmarks/skill_transfer.py eval --model DIR [--out runs/twc_eval] [key=value ...]
+
+`warmstart` plays the engine's expert on the training games (each game twice: straight, and
+exploring: a wrong placement first, the score going down, the object taken back), builds a
+tiny model whose byte-level tokenizer is trained on that text only (so the unseen objects'
+words are spelt in byte pieces it has never read), and clones three formats:
+
+- solver: the demos, no skill;
+- solver with a skill: a straight demo with the card extracted from a DIFFERENT training game
+  with the same object (the card states where it goes: a fact the state does not show, since
+  nothing in the room says it), and a demo with the card of a game with ANOTHER object, which
+  the solver must ignore;
+- extractor: a demo's trajectory -> the skill it supports (`twc.skill_from_demo`: placements
+  that moved the score, stated without the room or the step numbers).
+
+No held-out object kind reaches any of it (`twc.check_kinds_disjoint` runs on the demos).
+Then it evaluates greedily no-skill and one-shot on eval_seen and eval_unseen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
+from common import ROOT, quiet_hf, say  # noqa: E402
+
+from evolving_rl import prompts  # noqa: E402
+from evolving_rl.config import load_config, save_config  # noqa: E402
+from evolving_rl.envs import twc  # noqa: E402
+from evolving_rl.skills.skill import Skill, render_card  # noqa: E402
+
+CONFIG = ROOT / "configs" / "evolving_twc_tiny.yaml"
+
+
+def card_of(demo: dict) -> str:
+    return render_card(Skill.model_validate(twc.skill_from_demo(demo)))
+
+
+def skill_use_pairs(straight: list[dict], explored: list[dict], seed: int) -> list[tuple[dict, str, bool]]:
+    """(demo, card, relevant?): each straight demo with the card of another game of its object
+    (when training has one), and a third of all demos with the card of a game of another object."""
+    rng = random.Random(seed)
+    every = straight + explored
+    by_kind: dict[str, list[dict]] = {}
+    for d in every:
+        by_kind.setdefault(twc.task_object(d["task"]), []).append(d)
+    pairs = []
+    for d in straight:
+        kind = twc.task_object(d["task"])
+        others = [o for o in by_kind[kind] if o["task"]["id"] != d["task"]["id"]]
+        if others:
+            pairs.append((d, card_of(rng.choice(others)), True))
+    for d in rng.sample(every, len(every) // 3):  # a third: enough to learn to ignore, not to drown the rest
+        kind = twc.task_object(d["task"])
+        other = rng.choice([o for o in every if twc.task_object(o["task"]) != kind])
+        pairs.append((d, card_of(other), False))
+    return pairs
+
+
+def build_twc_examples(policy, straight: list[dict], explored: list[dict], cfg, seed: int, *, card_only: bool = False) -> list:
+    """The three formats; `card_only` (the dev games): no example without a card and no
+    irrelevant card, so these objects can be placed only by reading the card."""
+    from evolving_rl.sft import Example, demo_episode, solver_examples
+
+    examples = []
+    for d in [] if card_only else straight + explored:
+        examples += list(solver_examples(policy, d, cfg.rollout, cfg.env.max_steps))
+    for d, card, relevant in skill_use_pairs(straight, explored, seed):
+        if relevant or not card_only:
+            examples += list(solver_examples(policy, d, cfg.rollout, cfg.env.max_steps, skill_card=card))
+    for d in straight + explored:
+        msgs = prompts.extractor_messages(demo_episode(d), max_trajectory_chars=cfg.evolving.max_trajectory_chars)
+        target = json.dumps(twc.skill_from_demo(d))
+        examples.append(Example(policy.encode_chat(msgs), policy.encode_text(target) + [policy.eos_token_id], "extractor"))
+    return examples
+
+
+def corpus(straight: list[dict], explored: list[dict], cfg) -> list[str]:
+    """What the tiny tokenizer learns from: the prompts, replies, cards and skills the model reads and writes."""
+    from evolving_rl.sft import demo_episode, demo_turns
+
+    texts = [prompts.solver_system(None, False, "twc"), prompts.EXTRACTOR_SYSTEM.format(role=prompts.agent_role("twc")),
+             prompts.SCHEMA_HINT, prompts.SKILL_PREAMBLE]
+    for d in straight + explored:
+        turns = demo_turns(d)
+        for i, t in enumerate(turns):
+            msgs = prompts.per_step_messages(d["task"]["description"], turns[:i], t.observation, t.admissible,
+                                             skill_card=None, env="twc", history=cfg.rollout.history,
+                                             use_state_line=cfg.rollout.state_line, reasoning=False, step=i + 1,
+                                             max_steps=cfg.env.max_steps, list_admissible=cfg.rollout.list_admissible)
+            texts += [msgs[1]["content"], t.completion]
+        texts += [card_of(d), json.dumps(twc.skill_from_demo(d)),
+                  prompts.extractor_messages(demo_episode(d), max_trajectory_chars=cfg.evolving.max_trajectory_chars)[1]["content"]]
+    return texts
+
+
+def make_data(args, cfg) -> Path:
+    """Demos, the untrained tiny model (`<out>-init`) and the cloning examples (`<out>-init/examples.pt`)."""
+    import torch
+
+    from evolving_rl.policy.hf import HFPolicy
+    from evolving_rl.policy.tiny import build_tiny
+    from evolving_rl.sft import load_demos
+
+    out, games = Path(args.out), Path(args.games)
+    suite = twc.TWCSuite(cfg.env.options)
+    held_out = suite.tasks("eval_unseen") + suite.tasks("train_unseen")
+    t0 = time.perf_counter()
+    demos, stats = {}, {}
+    for split in ("train", "dev"):
+        for style, share in (("straight", 0.0), ("explored", 1.0)):
+            path = games / f"demos_{split}_{style}.jsonl"
+            stats[f"{split}_{style}"] = twc.write_demos(suite.tasks(split), path, explore_fraction=share, seed=cfg.seed,
+                                                        max_steps=cfg.env.max_steps)
+            demos[split, style] = [d for d in load_demos([str(path)]) if d["won"]]
+            twc.check_kinds_disjoint(demos[split, style], held_out, f"the warm-start demos ({path})")
+    say(f"demos: {stats} in {time.perf_counter() - t0:.1f}s")
+    init = Path(args.init or out.with_name(out.name + "-init"))
+    if args.rebuild or not (init / "config.json").is_file():  # the tokenizer must stay the checkpoint's
+        build_tiny(corpus(demos["train", "straight"], demos["train", "explored"], cfg), cfg.tiny, init)
+    policy = HFPolicy(cfg.model.model_copy(update={"path": str(init)}))
+    examples = {split: build_twc_examples(policy, demos[split, "straight"], demos[split, "explored"], cfg, cfg.seed,
+                                          card_only=split == "dev") for split in ("train", "dev")}
+    kinds = {f"{split}/{k}": sum(e.kind == k for e in ex) for split, ex in examples.items()
+             for k in ("solver", "solver_skill", "extractor")}
+    lens = sorted(len(e.prompt_ids) + len(e.completion_ids) for ex in examples.values() for e in ex)
+    say(f"examples {kinds}; tokens per example median {lens[len(lens) // 2]}, max {lens[-1]}; vocab {len(policy.tokenizer)}")
+    torch.save({"examples": {k: [vars(e) for e in ex] for k, ex in examples.items()}, "kinds": kinds, "demos": stats},
+               init / "examples.pt")
+    return init
+
+
+def clone(args, cfg, init: Path) -> dict:
+    """`train_sft` on the saved examples (constrained likelihood, as the rollout decodes), from
+    `init` or, with --start, from a clone (then all dev examples and --train-sample train ones)."""
+    import torch
+
+    from evolving_rl.policy.hf import HFPolicy
+    from evolving_rl.sft import Example, train_sft
+
+    out = Path(args.out)
+    data = torch.load(init / "examples.pt")
+    rng = random.Random(cfg.seed)
+    train, dev = data["examples"]["train"], data["examples"]["dev"]
+    if args.start:  # a short CPU continuation: the card-only examples, a sample of the rest
+        train = rng.sample(train, min(len(train), args.train_sample))
+        extract = [e for e in dev if e["kind"] == "extractor"]
+        dev = [e for e in dev if e["kind"] != "extractor"] + rng.sample(extract, min(len(extract), args.train_sample // 3))
+    examples = [Example(**e) for e in train + dev]
+    policy = HFPolicy(cfg.model.model_copy(update={"path": str(args.start or init)}))
+    metrics = train_sft(policy, examples, cfg.sft, seed=cfg.seed, log=say)
+    metrics.update(examples_by_kind=data["kinds"], demos=data["demos"])
+    policy.save(out)
+    save_config(cfg, out / "sft_config.yaml")
+    (out / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
+    say(f"saved {out}: {metrics['steps']} steps, loss {metrics['final_loss']:.3f}, {metrics['wall_s'] / 60:.1f} min")
+    return metrics
+
+
+def evaluate(model: str, cfg, out: Path) -> dict:
+    from evolving_rl.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(cfg, model, out, tag="final", protocols=list(cfg.eval.protocols), console_print=say)
+    return {f"{r.split}/{r.protocol}": [r.overall.wins, r.overall.n] for r in results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["warmstart", "data", "clone", "eval"],
+                    help="warmstart = data + clone + eval")
+    ap.add_argument("--config", default=str(CONFIG))
+    ap.add_argument("--out", default=str(ROOT / "checkpoints" / "tiny-twc-sft"))
+    ap.add_argument("--games", default=str(ROOT / "games" / "twc"))
+    ap.add_argument("--model", help="eval: the checkpoint to evaluate")
+    ap.add_argument("--init", help="the untrained model and examples.pt (default: <out>-init)")
+    ap.add_argument("--start", help="clone: continue from this checkpoint instead of the untrained model")
+    ap.add_argument("--train-sample", type=int, default=2000, help="clone --start: train-game examples kept beside all dev ones")
+    ap.add_argument("--rebuild", action="store_true", help="data: a new tokenizer and untrained model even if <out>-init exists")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args(argv)
+    quiet_hf()
+    cfg = load_config(args.config, args.overrides)
+    init = Path(args.init or Path(args.out).with_name(Path(args.out).name + "-init"))
+    if args.stage in ("warmstart", "data"):
+        make_data(args, cfg)
+    if args.stage in ("warmstart", "clone"):
+        clone(args, cfg, init)
+    if args.stage in ("data", "clone"):
+        return 0
+    if args.stage == "warmstart":
+        model, ev_out = args.out, Path(args.out) / "eval"
+    else:
+        if not args.model:
+            raise SystemExit("eval: pass --model DIR")
+        model, ev_out = args.model, Path(args.out)
+    cells = evaluate(model, cfg, ev_out)
+    say(json.dumps(cells))
+    (Path(ev_out) / "cells.json").write_text(json.dumps(cells, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""TextWorld Commonsense (`twc`) as a skill-transfer benchmark: experience carries a fact the solver lacks.
+
+Every twc game asks to put one object away "in its usual location"; each object kind has one
+correct receptacle. TextWorld-Express draws the object kinds of its train, dev and test folds
+from disjoint lists (measured: 158 kinds in 300 train games, 89 in 300 test games, none
+shared), so a solver trained on train-fold games has never seen a test-fold object and cannot
+know where it goes. The engine's score says it: taking the object raises the score to 0.5, a
+placement in the right receptacle to 1.0 (won), in a wrong one back to 0. An episode that
+explores therefore *reveals* where an unfamiliar object belongs, and a skill distilled from it
+("the dirty blue jumper goes in the laundry basket; it does not go in the work table") is
+exactly what a solver lacks on another game with that object.
+
+Splits (by OBJECT KIND, not only by seed fold):
+- train: train-fold games (seeds from 0); warm start, RL sources and the training retrieval pool.
+- dev: dev-fold games, whose object kinds are neither train's nor test's: the warm start shows
+  them only WITH a card from another game of the same object, never without, so the only way
+  to place them is to read the card (a solver cloned on train games alone learns each seen
+  object's place by heart and ignored even a card naming the right place: 19/40 with it,
+  20/40 without, on eval_unseen).
+- eval_seen: later train-fold games whose object kind occurs in `train`.
+- eval_unseen: test-fold games whose object kind occurs in the experience pool: never in `train`.
+- train_unseen: the test-time experience pool, other test-fold games (seeds from `pool_offset`)
+  that share eval_unseen's object kinds; one_shot / library retrieve from here, training never.
+`check_kinds_disjoint` enforces that no held-out kind reaches training data.
+
+Budgets: an evaluated (or trained-on) game ends after `budget` actions (5: take, then at most
+two placements with one take-back between), so brute force over the 2-7 receptacles of a room
+does not solve an unfamiliar object; the experience pool's games run to the rollout's
+`env.max_steps` (the agent's past, unhurried episodes, where exploring is what reveals the
+place). The task description names the object to put away, because twc's own sentence is the
+same for every game and retrieval keys on the description.
+
+Observations say how the score moved after each action ("Your score went up."): the engine
+prints nothing, and without it neither the solver nor the extractor could tell a right
+placement from a wrong one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from evolving_rl.envs.base import EnvError, register
+from evolving_rl.envs.twx import TWXEnv
+from evolving_rl.types import StepResult, Task
+
+GAME_PARAMS = "numLocations=1,numItemsToPutAway=1,includeDoors=0,limitInventorySize=0"
+DEFAULT_BUDGET = 5
+SPLIT_NAMES = ("train", "dev", "eval_seen", "eval_unseen", "train_unseen")
+SCORE_UP, SCORE_DOWN = "Your score went up.", "Your score went down."
+_PUT_RE = re.compile(r"^put (.+) in (.+)$")
+_TAKE_RE = re.compile(r"^take (.+)$")
+
+
+def _int_option(options: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    v = options.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"twc option {key}: expected an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+class TWCEnv(TWXEnv):
+    """One twc game; the score's moves are written into the observation, and a task's
+    `budget` (its meta) ends it early (see module docstring)."""
+
+    _task_label = "twc game"
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        options = dict(options or {})
+        options["game_params"] = {"twc": str(options.get("twc_params", GAME_PARAMS))}
+        super().__init__({k: v for k, v in options.items() if k != "twc_params"})
+        self._budget = self.max_steps
+        self._score = 0.0
+
+    def reset(self, task: Task) -> StepResult:
+        if not task.locator.startswith("twc/"):
+            raise EnvError(f"twc task {task.id!r}: locator {task.locator!r} is not 'twc/fold/seed'")
+        self._budget = min(self.max_steps, int(dict(task.meta).get("budget", self.max_steps)))
+        self._score = 0.0
+        r = super().reset(task)
+        self.description = task.description or self.description  # the suite's names the object
+        return r
+
+    def _result(self, observation: str) -> StepResult:
+        r = super()._result(observation)
+        moved = "" if r.score == self._score else (SCORE_UP if r.score > self._score else SCORE_DOWN)
+        self._score = r.score
+        done = r.done or len(self._actions) >= self._budget
+        return replace(r, observation=f"{observation.strip()} {moved}".strip(), done=done,
+                       info={**r.info, "budget": self._budget})
+
+    def expert_action(self) -> str | None:
+        a = super().expert_action()
+        if a == "look around" and not self._actions:  # reset already showed the room
+            self._gold = self._gold[1:]
+            a = super().expert_action()
+        return a
+
+
+def game_facts(env: TWCEnv, fold: str, seed: int) -> tuple[str, str, str]:
+    """(engine description, object kind, its receptacle), read off the engine's gold path."""
+    task = Task(id=f"twc/{fold}/{seed}", split=fold, task_type="twc", description="", locator=f"twc/{fold}/{seed}", env="twc")
+    env.reset(task)
+    puts = [m.groups() for a in env._gold if (m := _PUT_RE.match(a))]
+    if len(puts) != 1:
+        raise EnvError(f"twc game {fold}/{seed}: expected one placement in the gold path, got {env._gold}")
+    return str(env._infos.get("taskDescription", "")).strip(), puts[0][0], puts[0][1]
+
+
+def describe(engine_description: str, kind: str) -> str:
+    return f"{engine_description} The object to put away: the {kind}."
+
+
+class TWCSuite:
+    """The splits of the module docstring; options: train_games (600), dev_games (600), eval_games
+    (40 per split), pool_games (200, the test-fold seeds scanned for the experience pool), budget (5)."""
+
+    env_name = "twc"
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        options = dict(options or {})
+        self.train_games = _int_option(options, "train_games", 600, 1, 800)
+        self.dev_games = _int_option(options, "dev_games", 600, 0, 1000)
+        self.eval_games = _int_option(options, "eval_games", 40, 1, 100)
+        self.pool_games = _int_option(options, "pool_games", 200, 1, 800)
+        self.budget = _int_option(options, "budget", DEFAULT_BUDGET, 2, 100)
+        self.params = str(options.get("twc_params", GAME_PARAMS))
+        self._splits: dict[str, list[Task]] | None = None
+        self._env: TWCEnv | None = None
+
+    def splits(self) -> list[str]:
+        return list(SPLIT_NAMES)
+
+    def tasks(self, split: str) -> list[Task]:
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"twc: unknown split {split!r}; allowed: {', '.join(SPLIT_NAMES)}")
+        if self._splits is None:
+            self._splits = self._build()
+        return list(self._splits[split])
+
+    def _task(self, split: str, fold: str, seed: int, desc: str, kind: str, place: str, budget: int | None) -> Task:
+        meta = [("fold", fold), ("seed", seed), ("object", kind), ("receptacle", place)]
+        meta += [("budget", budget)] if budget else []
+        return Task(id=f"twc/{fold}/{seed}", split=split, task_type="twc", description=describe(desc, kind),
+                    locator=f"twc/{fold}/{seed}", env="twc", meta=tuple(meta))
+
+    def _build(self) -> dict[str, list[Task]]:
+        env = TWCEnv({"twc_params": self.params, "expert": True})
+        self._env = env
+        self._closer = weakref.finalize(self, env.close)
+        try:
+            seeds = {f: sorted(int(s) for s in env._call(lambda e, g=g: getattr(e, g)()))
+                     for f, g in (("train", "getValidSeedsTrain"), ("dev", "getValidSeedsDev"), ("test", "getValidSeedsTest"))}
+            train = [(s, *game_facts(env, "train", s)) for s in seeds["train"][: self.train_games]]
+            dev = [(s, *game_facts(env, "dev", s)) for s in seeds["dev"][: self.dev_games]]
+            later = [(s, *game_facts(env, "train", s)) for s in seeds["train"][self.train_games : self.train_games + 4 * self.eval_games]]
+            pool = [(s, *game_facts(env, "test", s)) for s in seeds["test"][-self.pool_games :]]
+            first = [(s, *game_facts(env, "test", s)) for s in seeds["test"][: 4 * self.eval_games]]
+        finally:
+            self.close()
+        seen_kinds = {k for _, _, k, _ in train}
+        pool_kinds = {k for _, _, k, _ in pool}
+        b = self.budget
+        out = {
+            "train": [self._task("train", "train", s, d, k, p, b) for s, d, k, p in train],
+            "dev": [self._task("dev", "dev", s, d, k, p, b) for s, d, k, p in dev],
+            "eval_seen": [self._task("eval_seen", "train", s, d, k, p, b) for s, d, k, p in later if k in seen_kinds][: self.eval_games],
+            "eval_unseen": [self._task("eval_unseen", "test", s, d, k, p, b) for s, d, k, p in first
+                            if k in pool_kinds and k not in seen_kinds][: self.eval_games],
+            "train_unseen": [self._task("train_unseen", "test", s, d, k, p, None) for s, d, k, p in pool],
+        }
+        check_kinds_disjoint(out["train"] + out["dev"], out["eval_unseen"] + out["train_unseen"])
+        return out
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._closer()
+            self._env = None
+
+
+def task_object(task: Task | dict) -> str:
+    meta = dict(task.meta) if isinstance(task, Task) else dict(task.get("meta") or {})
+    return str(meta.get("object", ""))
+
+
+def check_kinds_disjoint(training: list[Task] | list[dict], held_out: list[Task] | list[dict], what: str = "training data") -> None:
+    """Raise if an object kind of the held-out tasks occurs in `training` (tasks or demo records'
+    tasks), or in any text of the demo records (observations, cards): the unseen kinds must
+    reach no warm-start example, RL source or training retrieval pool."""
+    kinds = {task_object(t) for t in held_out} - {""}
+    texts = []
+    for t in training:
+        if isinstance(t, dict) and "task" in t:  # a demo record
+            texts.append(json.dumps(t))
+            t = t["task"]
+        texts.append(task_object(t))
+    blob = "\n".join(texts)
+    # An object is named after an article or a verb and ends the phrase; a longer name that
+    # starts with it is another thing (the receptacle "umbrella stand" is not an umbrella).
+    leaked = sorted(k for k in kinds if re.search(rf"(?:\b(?:take|put|the|The|a|an) ){re.escape(k)}(?= in\b| goes\b| does\b|[.,;:\"]|$)", blob, re.M))
+    if leaked:
+        raise ValueError(f"twc: held-out object kinds occur in {what}: {', '.join(leaked[:5])}"
+                         f"{' ...' if len(leaked) > 5 else ''} (unseen kinds must stay out of training)")
+
+
+# --- the rule-based skill: what the trajectory revealed, as the score showed it ---
+
+
+def placements(actions: list[str], results: list[str]) -> list[tuple[str, str, bool]]:
+    """(object, receptacle, right?) for each placement whose result moved the score."""
+    out = []
+    for a, r in zip(actions, results):
+        if (m := _PUT_RE.match(a)) and (SCORE_UP in r or SCORE_DOWN in r):
+            out.append((m.group(1), m.group(2), SCORE_UP in r))
+    return out
+
+
+def facts_skill(facts: list[tuple[str, str, bool]]) -> dict:
+    """The skill a twc trajectory supports: where its object goes and where it does not.
+
+    Only what the score proved is stated; the one-off parts of the game (the room, the other
+    receptacles, the step numbers) are left out, so the card applies to any game with that object."""
+    rules = []
+    for obj, place, right in facts:
+        rule = f"The {obj} goes in the {place}." if right else f"The {obj} does not go in the {place}."
+        if rule not in rules:
+            rules.append(rule)
+    if not any(right for _, _, right in facts):
+        rules.append("If the score went down after a placement, take the object back and try another place.")
+    return {"name": "put-away-where-the-score-rises",
+            "description": "Where the objects of these tasks belong, as the score showed; check the score after each placement.",
+            "decision_rules": rules}
+
+
+def skill_from_demo(demo: dict) -> dict:
+    actions = [s["action"] for s in demo["steps"]]
+    results = [s["observation"] for s in demo["steps"][1:]] + [demo.get("final_observation", "")]
+    return facts_skill(placements(actions, results))
+
+
+# --- warm-start demonstrations: the expert, and the expert that explores first ---
+
+
+def write_demos(tasks: list[Task], out_path: str | Path, *, explore_fraction: float = 0.5, seed: int = 0,
+                max_steps: int = 12) -> dict:
+    """Expert demos of `tasks`; a share of them first puts the object in a wrong receptacle
+    (the score goes down), takes it back and then puts it right: what a solver without the
+    fact must do, and what makes an experience episode reveal it."""
+    rng = random.Random(seed)
+    env = TWCEnv({"max_steps": max_steps, "expert": True})
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats = {"demos": 0, "won": 0, "explored": 0}
+    try:
+        with out.open("w") as f:
+            for task in tasks:
+                t = replace(task, meta=tuple((k, v) for k, v in task.meta if k != "budget"))
+                r = env.reset(t)
+                steps: list[dict] = []
+                explore = rng.random() < explore_fraction
+                while not r.done:
+                    a = env.expert_action()
+                    if a is None:
+                        break
+                    if explore and a.startswith("put "):
+                        wrong = [x for x in r.admissible if x.startswith("put ") and x != a]
+                        if wrong:
+                            w = rng.choice(wrong)
+                            obj = _PUT_RE.match(w).group(1)
+                            for act in (w, f"take {obj}"):
+                                steps.append({"observation": r.observation, "admissible": r.admissible, "action": act})
+                                r = env.step(act)
+                            stats["explored"] += 1
+                            env._gold = env._actions + env._gold[len(env._actions) - 2:]  # the expert resumes its path
+                        explore = False
+                        continue
+                    steps.append({"observation": r.observation, "admissible": r.admissible, "action": a})
+                    r = env.step(a)
+                f.write(json.dumps({"task": task.to_dict(), "won": r.won, "steps": steps, "final_observation": r.observation}) + "\n")
+                stats["demos"] += 1
+                stats["won"] += r.won
+    finally:
+        env.close()
+    return stats
+
+
+register("twc", TWCEnv, TWCSuite)

@@ -1,0 +1,122 @@
+"""The twc skill-transfer benchmark on its real engine (issue 16): held-out object kinds never
+reach training, the score's moves are visible, the evaluation budget ends an episode, and the
+rule-based skill states what the trajectory proved."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("textworld_express", reason="textworld-express not installed (pip install evolving-rl[envs])")
+
+from evolving_rl.envs import twc  # noqa: E402
+from evolving_rl.envs.base import EnvError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SMALL = {"train_games": 60, "dev_games": 40, "eval_games": 10, "pool_games": 80}
+
+
+@pytest.fixture(scope="module")
+def suite():
+    s = twc.TWCSuite(SMALL)
+    s.tasks("train")
+    yield s
+    s.close()
+
+
+def _kinds(tasks):
+    return {twc.task_object(t) for t in tasks}
+
+
+def test_held_out_object_kinds_never_reach_training_or_its_retrieval_pool(suite, tmp_path):
+    train, dev = suite.tasks("train"), suite.tasks("dev")
+    unseen, pool = suite.tasks("eval_unseen"), suite.tasks("train_unseen")
+    assert len(train) == 60 and len(dev) == 40 and len(unseen) == 10 and len(pool) == 80
+    held_out = _kinds(unseen) | _kinds(pool)
+    assert held_out and not held_out & (_kinds(train) | _kinds(dev))
+    assert _kinds(unseen) <= _kinds(pool)  # every unseen task has experience to draw on
+    assert _kinds(suite.tasks("eval_seen")) <= _kinds(train)
+    # The one-shot pool (train_unseen) is never the training pool, and no evaluated game is in it.
+    assert not {t.id for t in pool} & {t.id for t in unseen + train + dev}
+    # Warm-start demos (straight and exploring) name no held-out object anywhere in their text.
+    demos_path = tmp_path / "demos.jsonl"
+    stats = twc.write_demos(train[:20] + dev[:10], demos_path, explore_fraction=0.5, seed=0)
+    assert stats["won"] == 30 and 0 < stats["explored"] < 30
+    demos = [json.loads(x) for x in demos_path.read_text().splitlines()]
+    twc.check_kinds_disjoint(demos, unseen + pool, "demos")
+    # ... and the check can fail: a demo that handled an unseen object is caught, by name.
+    bad = json.loads(json.dumps(demos[0]))
+    bad["steps"][0]["action"] = f"take {twc.task_object(unseen[0])}"
+    with pytest.raises(ValueError, match="held-out object kinds occur in demos"):
+        twc.check_kinds_disjoint([bad], unseen, "demos")
+
+
+def test_a_receptacle_named_like_an_unseen_object_is_not_a_leak():
+    held = [{"meta": {"object": "umbrella"}}]  # task dicts
+    twc.check_kinds_disjoint([{"task": {"meta": {"object": "coat"}}, "steps": [{"observation": "You see a umbrella stand."}]}], held)
+    with pytest.raises(ValueError, match="umbrella"):
+        twc.check_kinds_disjoint([{"task": {"meta": {"object": "coat"}}, "steps": [{"action": "put umbrella in shoe cabinet"}]}], held)
+
+
+def test_score_moves_are_observed_and_the_budget_ends_the_episode(suite):
+    task = suite.tasks("eval_unseen")[0]
+    obj, place = twc.task_object(task), dict(task.meta)["receptacle"]
+    env = twc.TWCEnv({"max_steps": 12})
+    try:
+        r = env.reset(task)
+        assert f"the {obj}." in task.description and not r.done
+        r = env.step(f"take {obj}")
+        assert r.observation.endswith(twc.SCORE_UP) and r.score == 0.5
+        wrong = next(a for a in r.admissible if a.startswith("put ") and not a.endswith(f" in {place}"))
+        r = env.step(wrong)
+        assert r.observation.endswith(twc.SCORE_DOWN) and r.score == 0.0 and not r.done
+        r = env.step(f"take {obj}")
+        r = env.step("look around")
+        r = env.step("inventory")  # the fifth action: the evaluation budget is spent
+        assert r.done and not r.won and r.info["budget"] == 5
+        # A pool game has no budget of its own: the rollout's max_steps ends it.
+        pool_task = suite.tasks("train_unseen")[0]
+        env.reset(pool_task)
+        for _ in range(6):
+            r = env.step("look around")
+        assert not r.done and r.info["budget"] == 12
+        with pytest.raises(EnvError, match="twc/fold/seed"):
+            env.reset(type(task)(id="x", split="train", task_type="twc", description="", locator="coin/train/1", env="twc"))
+    finally:
+        env.close()
+
+
+def test_rule_skill_states_what_the_score_proved_without_the_room():
+    steps = [{"action": "take dirty blue jumper", "observation": "You see a bench."},
+             {"action": "put dirty blue jumper in work table", "observation": "You take it. Your score went up."},
+             {"action": "take dirty blue jumper", "observation": "You put it in the work table. Your score went down."},
+             {"action": "put dirty blue jumper in laundry basket", "observation": "You take it. Your score went up."}]
+    demo = {"steps": steps, "final_observation": "You put it in the laundry basket. Your score went up."}
+    skill = twc.skill_from_demo(demo)
+    assert skill["decision_rules"] == ["The dirty blue jumper does not go in the work table.",
+                                       "The dirty blue jumper goes in the laundry basket."]
+    failed = twc.skill_from_demo({"steps": steps[:2], "final_observation": "You put it in the work table. Your score went down."})
+    assert failed["decision_rules"][0] == "The dirty blue jumper does not go in the work table."
+    assert "try another place" in failed["decision_rules"][-1]
+    assert "bench" not in json.dumps(skill) and "step" not in json.dumps(skill["decision_rules"])
+
+
+def test_warm_start_examples_keep_dev_objects_card_only():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from skill_transfer import skill_use_pairs
+
+    def demo(i, kind, place):
+        return {"task": {"id": f"t{i}", "meta": {"object": kind}},
+                "steps": [{"action": f"put {kind} in {place}", "observation": "x"}],
+                "final_observation": "You put it. Your score went up."}
+
+    straight = [demo(0, "apple", "fridge"), demo(1, "apple", "fridge"), demo(2, "shoe", "shoe cabinet")]
+    pairs = skill_use_pairs(straight, [], seed=0)
+    relevant = [(d["task"]["id"], c) for d, c, r in pairs if r]
+    # Cards come from a DIFFERENT game of the same object; an object seen once gets none.
+    assert sorted(i for i, _ in relevant) == ["t0", "t1"]
+    assert all("The apple goes in the fridge." in c for _, c in relevant)
+    assert all(("apple" in c) != (twc.task_object(d["task"]) == "apple") for d, c, r in pairs if not r)
