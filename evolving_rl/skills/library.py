@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from evolving_rl.skills.skill import MAX_PARSE_CHARS
+
 SCHEMA_VERSION = 1
 _MAX_ID = 2**63 - 1  # SQLite INTEGER; a larger id would overflow in the driver
 
@@ -477,6 +479,9 @@ def _row(d: Any) -> tuple:
     if not 1 <= sid <= _MAX_ID:
         raise ValueError(f"field 'id': {sid} is outside 1..2**63-1")
     name, card = _field(d, "name", str, "a string"), _field(d, "card", str, "the Markdown card (a string)")
+    for key, text in (("name", name), ("card", card)):  # untrusted text: bounded like raw extractor output
+        if len(text) > MAX_PARSE_CHARS:
+            raise ValueError(f"field {key!r}: {len(text)} chars, more than any extracted skill ({MAX_PARSE_CHARS})")
     skill, prov = _field(d, "skill", dict, "a JSON object"), _field(d, "provenance", dict, "a JSON object")
     history = _field(d, "history", list, "a list", default=[])
     emb = _field(d, "embedding", list, "a list of numbers")
