@@ -254,10 +254,11 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (train or e
 
     if not run_dir.is_dir():
         _fail(f"no run directory at {run_dir}")
-    console.print(f"report -> {write_report(run_dir)}")
+    try:
+        console.print(f"report -> {write_report(run_dir)}")
+    except (ValueError, OSError) as e:  # an output path taken by a directory or file; a read-only run dir
+        _fail(str(e))
 
-
-# -- skills --------------------------------------------------------------------------------
 
 # -- deployment: serve and evolve ----------------------------------------------------------
 

@@ -101,7 +101,12 @@ def _table(headers: list[str], rows: list[list[Any]], sortable: bool = False) ->
 
 def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     rows, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:  # a directory in its place, no permission
+        notes.append(f"{path.name}: not readable ({e.strerror or e})")
+        return []
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:
@@ -126,7 +131,7 @@ def _load(run_dir: Path) -> dict:
         try:
             loaded = yaml.safe_load(cfg.read_text(encoding="utf-8"))
             data["config"] = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             notes.append(f"config.yaml: not readable YAML ({e.__class__.__name__})")
     else:
         notes.append("config.yaml is missing: run settings unknown")
@@ -426,6 +431,11 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run dir {run_dir}: not a directory")
+    out, plots = run_dir / "report.html", run_dir / "plots"
+    if out.is_dir():  # outputs are checked before anything is written
+        raise ValueError(f"{out} is a directory; move it away so the report can be written there")
+    if plots.exists() and not plots.is_dir():
+        raise ValueError(f"{plots} is a file; move it away so the plots can be written there")
     data = _load(run_dir)
     body = [
         _header(run_dir, data),
@@ -436,6 +446,5 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Report: {esc(run_dir.resolve().name)}"
             f"</title><style>{_CSS}</style></head><body>{''.join(body)}<script>{_JS}</script></body></html>")
-    out = run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

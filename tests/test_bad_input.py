@@ -290,6 +290,10 @@ CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]]
      "--max-tasks", "1"], ["is a directory"], ["TMP.partial"]),
     # report
     ("report-on-a-file", _write("run.txt", "x"), ["report", "FILE"], ["run.txt"], []),
+    ("report-html-taken-by-a-dir", lambda t: (t / "report.html").mkdir() or {}, ["report", "TMP"],
+     ["report.html", "is a directory"], ["TMP/plots"]),
+    ("report-plots-taken-by-a-file", _write("plots", "x"), ["report", "TMP"], ["plots", "is a file"],
+     ["TMP/report.html"]),
 ]
 
 
@@ -384,3 +388,16 @@ def test_a_game_that_cannot_be_read_is_an_error_or_a_named_warning(tmp_path):
     whole = AlfworldSuite({"games_dir": str(_GAMES[0])})
     assert len(tasks) == len(whole.tasks("train")) - 1 and [p for p, _ in suite.skipped] == [str(setup["FIRST"])]
     assert len(suite.tasks("eval_seen")) == len(whole.tasks("eval_seen"))  # other splits unaffected
+
+
+def test_report_notes_unreadable_inputs_instead_of_crashing(tmp_path):
+    """A run dir's inputs may be anything (a crash mid-write, a stray directory): each is a note on the page."""
+    (tmp_path / "config.yaml").write_bytes(b"\xff\xfe\x00binary")
+    (tmp_path / "metrics.jsonl").mkdir()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "final.json").mkdir()
+    code, out, exc = invoke("report", tmp_path)
+    assert code == 0 and exc is None, out
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "config.yaml: not readable" in page and "metrics.jsonl: not readable" in page
+    assert "eval/final.json: skipped" in page
