@@ -330,6 +330,8 @@ def evolve(
                   f"{summary['wall_s']} s -> {summary.get('written')}")
 
 
+# -- skills --------------------------------------------------------------------------------
+
 
 @skills_app.command("check")
 def skills_check(files: list[Path] = typer.Argument(..., help="Files of raw extractor output."),
