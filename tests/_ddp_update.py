@@ -37,7 +37,7 @@ def samples(policy: HFPolicy, n: int = 12) -> list[Sample]:
     return out
 
 
-def main(checkpoint: str, out_dir: str) -> None:
+def main(checkpoint: str, out_dir: str, skew: bool = False) -> None:
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     policy = HFPolicy(ModelConfig(path=checkpoint))
@@ -46,10 +46,13 @@ def main(checkpoint: str, out_dir: str) -> None:
     sgd = torch.optim.SGD(list(policy.parameters()), lr=1.0)
     updater = GRPOUpdater(policy, policy.reference(), GRPOConfig(micro_batch_tokens=64), optimizer=sgd,
                           accelerator=accelerator)
-    metrics = updater.update(samples(policy))
+    batch = samples(policy)
+    if skew and accelerator.process_index == 1:
+        batch[3].reward += 1.0  # this process played something else
+    metrics = updater.update(batch)
     torch.save({"weights": {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, "metrics": metrics},
                f"{out_dir}/rank{accelerator.process_index}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], skew=sys.argv[3:] == ["skew"])

@@ -19,15 +19,16 @@ CHECKPOINT = HERE.parent / "checkpoints" / "tiny-alfworld-sft"
 ATOL = 1e-6
 
 
-def _launch(out: Path, processes: int) -> None:
+def _launch(out: Path, processes: int, *extra: str, expect_ok: bool = True) -> str:
     # torchrun, not `accelerate launch --cpu --num_processes 2`: accelerate 1.16 starts several
     # CPU processes only through mpirun, and otherwise silently runs one. The Accelerator in the
     # script reads torchrun's RANK/WORLD_SIZE and runs MULTI_CPU over gloo all the same.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           str(HERE / "_ddp_update.py"), str(CHECKPOINT), str(out)]
+           str(HERE / "_ddp_update.py"), str(CHECKPOINT), str(out), *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == expect_ok, done.stderr[-3000:]
+    return done.stderr
 
 
 @pytest.mark.slow
@@ -52,3 +53,10 @@ def test_two_processes_update_exactly_like_one(tmp_path):
     for key in ("loss/total", "loss/num_samples", "loss/trained_tokens", "loss/pg", "loss/kl", "loss/clip_frac"):
         assert ranks[0]["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-7), key
         assert ranks[1]["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_processes_holding_different_batches_are_refused(tmp_path):
+    err = _launch(tmp_path, 2, "skew", expect_ok=False)
+    assert "the processes hold different samples" in err
+    assert not list(tmp_path.glob("rank*.pt"))

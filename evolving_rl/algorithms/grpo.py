@@ -432,6 +432,7 @@ class GRPOUpdater:
         rank, world = self._process()
         shard = active
         if world > 1:  # longest first, dealt round-robin: shards of similar token counts
+            self._check_same_batch(samples)
             order = sorted(range(len(active)), key=lambda i: -len(active[i][0].segment.token_ids))
             shard = [active[i] for i in order[rank::world]]
         metrics["loss/process_samples"] = float(len(shard))
@@ -489,6 +490,23 @@ class GRPOUpdater:
         if self.accelerator is None:
             return 0, 1
         return int(self.accelerator.process_index), int(self.accelerator.num_processes)
+
+    def _check_same_batch(self, samples: list[Sample]) -> None:
+        """Sharding is only right if every process holds the very same batch; a process that
+        played other episodes (another seed, a nondeterministic engine) would mix gradients
+        of different batches silently, so compare a fingerprint first."""
+        import hashlib
+
+        from accelerate.utils import gather_object
+
+        # not hash(): str hashes are salted per process
+        text = repr([(s.segment.token_ids, s.reward, s.group, s.role) for s in samples])
+        prints = gather_object([hashlib.sha256(text.encode()).hexdigest()])
+        if len(set(prints)) != 1:
+            raise ValueError(
+                f"GRPOUpdater over {len(prints)} processes: the processes hold different samples; every "
+                "process must pass the same whole batch to update() (it shards the batch itself)"
+            )
 
     def _sum_over_processes(self, total: float, sums: dict) -> tuple[float, dict]:
         """Sum the shards' gradients (every process, also one whose shard was empty, since the
