@@ -174,3 +174,47 @@ def test_queue_survives_a_restart_and_export_import(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json: not a skill export"):
         other.import_(tmp_path / "bad.json", actor="admin", reason="x")
+
+
+def test_evolve_stream_records_arms_and_admits_extracted_skills(tmp_path):
+    """The stream logic in isolation: a stand-in rollout (the solver wins exactly when it holds
+    a card) and a stand-in extractor that writes one fixed skill; real evolver and library."""
+    import json
+
+    from evolving_rl.policy.base import Generation
+    from evolving_rl.serve.evolver import evolve_stream
+    from evolving_rl.types import Episode, Task
+
+    sk, _ = _skill("find-objects")
+
+    class Policy:
+        def encode_chat(self, messages, add_generation_prompt=True):
+            return [1, 2, 3]
+
+        def generate(self, prompts, **kw):
+            return [Generation([4], [0.0], "analysis... " + json.dumps(sk), "stop") for _ in prompts]
+
+    class Rollout:
+        def run(self, jobs, sampling, seed=None, progress=None):
+            return [Episode(task=j.task, skill_card=j.skill_card, won=j.skill_card is not None, steps=3) for j in jobs]
+
+    class Embedder:
+        def embed(self, texts):
+            return np.stack([_vec(0) for _ in texts])
+
+    ev = _evolver(tmp_path, "evolve.min_uses=3", "evolve.confidence=0.9", "evolve.control_share=0.5")
+    tasks = [Task(id=f"t{i}", split="s", task_type="x", description="find the key", locator="") for i in range(40)]
+    sampling = load_config(None, []).rollout.solver
+    eps, log = evolve_stream(ev, Rollout(), Policy(), Embedder(), tasks, sampling, sampling, wave=4, seed=0,
+                             model_name="m", max_trajectory_chars=1000)
+    assert len(eps) == len(log) == 40 and sorted(r["position"] for r in log) == list(range(40))
+    assert [r["arm"] for r in log[:4]] == ["none"] * 4  # the first wave finds an empty library
+    assert log[0]["skill_added"] == 1 and log[4]["skill_added"] == 1  # later waves: the same skill (duplicate)
+    arms = [r["arm"] for r in log]
+    assert {"trial", "control"} <= set(arms)
+    promoted = next(i for i, r in enumerate(log) if r["status_changes"])
+    assert log[promoted]["status_changes"][0]["status"] == "promoted" and ev.statuses([1]) == {1: "promoted"}
+    later = arms[(promoted // 4 + 1) * 4:]  # arms of a wave are chosen before it plays
+    assert "promoted" in later and "trial" not in later
+    won = {a: [r["won"] for r in log if r["arm"] == a] for a in set(arms)}
+    assert all(won["promoted"]) and not any(won["control"])

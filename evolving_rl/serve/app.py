@@ -287,6 +287,13 @@ class Service:
             qid, p = todo[0]
             self.extracting = qid
             try:
+                near = ev.library.retrieve(p["embedding"], 1)
+                if near and near[0].similarity is not None and near[0].similarity >= ev.library.dedup_threshold:
+                    # the skill would not be stored (evolver.admit keeps the one under measurement):
+                    # spare the extractor's minutes, most of a busy service's policy time
+                    ev.finish_queued(qid, {"skill_id": near[0].id, "rejected": [], "duplicate": True})
+                    self.metrics.inc("evolving_rl_extractions_total", result="duplicate_skipped")
+                    continue
                 ep = _episode(p)
                 with self.policy_lock:
                     res = extract_into(ev, self.policy, [ep], [p["embedding"]], [{
