@@ -157,12 +157,12 @@ class VLLMPolicy(HFPolicy):
     """
 
     def __init__(self, cfg: Any, device: str | torch.device = "cpu", *, engine_kwargs: dict | None = None, **kw: Any) -> None:
-        super().__init__(cfg, device, **kw)
         if cfg.lora.enabled:
             # Loading merged LoRA weights every step would copy the whole model; vLLM's own
             # LoRA adapters are the way, not built yet.
             raise ValueError("model.backend: vllm does not support model.lora yet; use model.backend: hf with LoRA")
-        vllm = _require_vllm()
+        vllm = _require_vllm()  # before loading anything: a missing vLLM fails at once
+        super().__init__(cfg, device, **kw)
         kwargs: dict[str, Any] = {
             "dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.dtype, "auto"),
             "max_model_len": self.max_context_tokens,
