@@ -225,19 +225,7 @@ class HFPolicy:
         n = len(prompts)
         if n == 0:
             return []
-        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"generate: temperature={temperature} (>= 0), top_p={top_p} (in (0, 1]), "
-                f"max_new_tokens={max_new_tokens} (>= 1)"
-            )
-        if allowed is not None and len(allowed) != n:
-            raise ValueError(f"generate: {len(allowed)} allowed lists for {n} prompts")
-        for i, p in enumerate(prompts):
-            self._check_ids(p, f"generate: prompt {i}")
-        tries = [
-            _Trie(a, f"generate: allowed[{i}]") if a is not None else None
-            for i, a in enumerate(allowed or [None] * n)
-        ]
+        tries = self._generate_inputs(prompts, temperature, top_p, max_new_tokens, allowed)
         stops = [s for s in (stop or []) if s]
         # A stop string needs at most 4 tokens per character (byte-level BPE), so decoding this
         # many trailing tokens always sees a stop string the newest token completed.
@@ -341,6 +329,30 @@ class HFPolicy:
                 finish_reason=reason[i] or "length",  # type: ignore[arg-type]
             )
             for i in range(n)
+        ]
+
+    def _generate_inputs(
+        self,
+        prompts: list[list[int]],
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        allowed: list[list[list[int]] | None] | None,
+    ) -> list[_Trie | None]:
+        """Check `generate`'s arguments (any backend's) and build each prompt's trie (or None)."""
+        n = len(prompts)
+        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+            raise ValueError(
+                f"generate: temperature={temperature} (>= 0), top_p={top_p} (in (0, 1]), "
+                f"max_new_tokens={max_new_tokens} (>= 1)"
+            )
+        if allowed is not None and len(allowed) != n:
+            raise ValueError(f"generate: {len(allowed)} allowed lists for {n} prompts")
+        for i, p in enumerate(prompts):
+            self._check_ids(p, f"generate: prompt {i}")
+        return [
+            _Trie(a, f"generate: allowed[{i}]") if a is not None else None
+            for i, a in enumerate(allowed or [None] * n)
         ]
 
     def _trie_mask(self, nodes: list[dict | None], vocab: int) -> torch.Tensor | None:

@@ -216,22 +216,9 @@ class VLLMPolicy(HFPolicy):
         allowed: list[list[list[int]] | None] | None = None,
         seed: int | None = None,
     ) -> list[Generation]:
-        n = len(prompts)
-        if n == 0:
+        if not prompts:
             return []
-        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"generate: temperature={temperature} (>= 0), top_p={top_p} (in (0, 1]), "
-                f"max_new_tokens={max_new_tokens} (>= 1)"
-            )
-        if allowed is not None and len(allowed) != n:
-            raise ValueError(f"generate: {len(allowed)} allowed lists for {n} prompts")
-        for i, p in enumerate(prompts):
-            self._check_ids(p, f"generate: prompt {i}")
-        tries = [
-            _Trie(a, f"generate: allowed[{i}]") if a is not None else None
-            for i, a in enumerate(allowed or [None] * n)
-        ]
+        tries = self._generate_inputs(prompts, temperature, top_p, max_new_tokens, allowed)
         self._sync_if_stale()
         base = seed if seed is not None else int(torch.randint(0, 2**31, (1,)).item())
         keys: list[str | None] = []
