@@ -33,6 +33,13 @@ from evolving_rl.config import RunConfig, load_config  # noqa: E402
 from evolving_rl.evaluate import wilson  # noqa: E402
 
 CONFIGS = ROOT / "configs"
+METHODS: dict[str, list[str]] = {
+    "GRPO": ["algorithm=grpo"],
+    "Evolving-RL": ["algorithm=evolving"],
+    "solver only": ["algorithm=evolving", "evolving.extractor.train=false"],
+    "extractor only": ["algorithm=evolving", "evolving.solver.train=false"],
+    "random skill": ["algorithm=evolving", "evolving.skill_mode=random"],
+}
 BUDGETS: dict[str, dict] = {
     "smoke": {
         "about": "minutes on 2 CPU cores, for a test: 1 step, B=2 N=2 K=2, 6-step episodes, 2 eval tasks per split",
@@ -63,12 +70,27 @@ BUDGETS: dict[str, dict] = {
                       "evolving.num_downstream=4", "grpo.group_size=8", "eval.greedy=false", "eval.repeats=3",
                       "eval.max_tasks=null"],
     },
-}
-METHODS: dict[str, list[str]] = {
-    "GRPO": ["algorithm=grpo"],
-    "Evolving-RL": ["algorithm=evolving"],
-    "solver only": ["algorithm=evolving", "evolving.extractor.train=false"],
-    "extractor only": ["algorithm=evolving", "evolving.solver.train=false"],
+    # The skill-transfer benchmark (issue 16): unseen = object kinds absent from training, one-shot
+    # experience from other games with the same object. Results go to docs/results/skill_transfer.*.
+    "twc": {
+        "about": "twc skill transfer (configs/evolving_twc_tiny.yaml), tiny model from checkpoints/tiny-twc-sft: "
+                 "4 steps of B=4 N=4 K=2 (36 episodes per step), lr 1e-4, 40 eval games per split, greedy",
+        "config": CONFIGS / "evolving_twc_tiny.yaml",
+        "games": None,
+        "results": "skill_transfer",
+        "methods": list(METHODS),
+        "overrides": ["train.steps=4", "train.eval_every=0", "eval.max_tasks=40", "eval.repeats=1"],
+    },
+    "twc_smoke": {
+        "about": "the twc benchmark at test size: 1 step of B=2 N=2 K=2, 4 eval games per split",
+        "methods": list(METHODS),
+        "config": CONFIGS / "evolving_twc_tiny.yaml",
+        "games": None,
+        "overrides": ["train.steps=1", "train.eval_every=0", "evolving.sources_per_step=2", "evolving.num_skills=2",
+                      "evolving.num_downstream=2", "grpo.group_size=2", "eval.max_tasks=4", "eval.repeats=1",
+                      "env.options.train_games=40", "env.options.dev_games=0", "env.options.eval_games=4",
+                      "env.options.pool_games=60", "rollout.extractor.max_new_tokens=48"],
+    },
 }
 START = "start (no RL)"
 WALL = "paper_table_wall.json"
@@ -209,7 +231,11 @@ def markdown(report: dict) -> str:
               "'with skill' is the one-shot protocol: a skill extracted from the most similar "
               "experience-pool task. Tiny model and generated games: comparable in shape, not in "
               "absolute numbers, to the paper.", "",
-              f"![per-step curves, seed 0](paper_table_{report['budget']}_curves.png)"]
+              f"![per-step curves, seed 0]({report.get('stem', 'paper_table_' + report['budget'])}_curves.png)", "",
+              "Per seed (wins/n; seen no skill, seen with skill, unseen no skill, unseen with skill):", ""]
+    for name, seeds in report.get("counts", {}).items():
+        per = ["; ".join(f"{c[s][p][0]}/{c[s][p][1]}" if p in c.get(s, {}) else "-" for s, p in COLUMNS) for c in seeds]
+        lines.append(f"- {name}: " + " | ".join(f"seed {i}: {x}" for i, x in enumerate(per)))
     return "\n".join(lines) + "\n"
 
 
@@ -223,14 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="Where the runs go (default: runs/paper_table_<budget>).")
     ap.add_argument("--results", default=str(RESULTS_DIR), help="Where the JSON and markdown table go.")
     ap.add_argument("--no-start-row", action="store_true", help="Skip evaluating the starting checkpoint.")
-    ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"Comma-separated subset of: {', '.join(METHODS)} (GRPO and Evolving-RL always run).")
+    ap.add_argument("--methods", default=None,
+                    help=f"Comma-separated subset of: {', '.join(METHODS)} (GRPO and Evolving-RL always run; default: "
+                         "the budget's methods, else all but random skill).")
     ap.add_argument("--dry-run", action="store_true", help="Print the resolved settings and the arithmetic only.")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (after the budget's)")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    default = BUDGETS[args.budget].get("methods", [m for m in METHODS if m != "random skill"])
+    methods = [m.strip() for m in (args.methods or ",".join(default)).split(",") if m.strip()]
     if unknown := [m for m in methods if m not in METHODS]:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     methods = [m for m in METHODS if m in methods or m in ("GRPO", "Evolving-RL")]  # the gain needs both
@@ -245,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"model.path: no model at {cfg.model.path}; pass --model DIR (a Hugging Face causal-LM "
                          "directory; for the cpu budget, the warm start built with the recipe in configs/sft_tiny.yaml)")
     games = args.games or cfg.env.games_dir  # "" or an official data root is used as it is
-    if not args.games and games and not args.dry_run and not Path(games).exists():
+    if cfg.env.name == "alfworld" and not args.games and games and not args.dry_run and not Path(games).exists():
         if budget["games"] is None:
             games = str(ensure_games(cfg))  # the config's games, generated as `quickstart` does
         else:  # smoke: a small private set, so the quickstart's games directory never holds a partial one
@@ -307,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                     curves[name] = rec
             timing[name]["wall_s"] += info.get("wall_s", 0.0)
             per_seed[name].append(read_cells(run_dir))
+    counts = {name: [{split: {proto: [c["wins"], c["n"]] for key, c in cells.items() for split, proto in [key.split("/")]
+                              if split == s} for s in ("eval_seen", "eval_unseen")} for cells in per_seed[name]]
+              for name in names}  # per method and seed: {split: {protocol: [wins, n]}}
     for name in names:
         rows[name] = {"cells": pooled(per_seed[name]), **timing[name]}
     evo, grpo = rows["Evolving-RL"]["cells"], rows["GRPO"]["cells"]
@@ -316,14 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         "columns": [f"{s}/{p}" for s, p in COLUMNS], "rows": rows,
         "gain_unseen": {p: relative_gain(evo[f"eval_unseen/{p}"]["success"], grpo[f"eval_unseen/{p}"]["success"])
                         for p in ("no_skill", "one_shot")},
-        "runs": rel(out), "machine": machine(),
+        "runs": rel(out), "machine": machine(), "counts": counts,
+        "stem": budget.get("results", f"paper_table_{args.budget}"),
     }
+    stem = report["stem"]
     md = markdown(report)
     results = Path(args.results)
-    write_json(results / f"paper_table_{args.budget}.json", report)
-    (results / f"paper_table_{args.budget}.md").write_text(md)
-    plot_curves(curves, results / f"paper_table_{args.budget}_curves.png")
-    say("\n" + md + f"\nwrote {results / f'paper_table_{args.budget}.json'}, .md and _curves.png")
+    write_json(results / f"{stem}.json", report)
+    (results / f"{stem}.md").write_text(md)
+    plot_curves(curves, results / f"{stem}_curves.png")
+    say("\n" + md + f"\nwrote {results / f'{stem}.json'}, .md and _curves.png")
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ def clone(args, cfg, init: Path) -> dict:
     if args.start:  # a short CPU continuation: the card-only examples, a sample of the rest
         train = rng.sample(train, min(len(train), args.train_sample))
         extract = [e for e in dev if e["kind"] == "extractor"]
-        dev = [e for e in dev if e["kind"] != "extractor"] + rng.sample(extract, min(len(extract), args.train_sample // 3))
+        dev = [e for e in dev if e["kind"] != "extractor"] + rng.sample(extract, min(len(extract), args.dev_extract))
     examples = [Example(**e) for e in train + dev]
     policy = HFPolicy(cfg.model.model_copy(update={"path": str(args.start or init)}))
     metrics = train_sft(policy, examples, cfg.sft, seed=cfg.seed, log=say)
@@ -172,9 +173,47 @@ def evaluate(model: str, cfg, out: Path) -> dict:
     return {f"{r.split}/{r.protocol}": [r.overall.wins, r.overall.n] for r in results}
 
 
+def probe(model: str, cfg, n: int) -> dict:
+    """Does the solver read its card? eval_unseen played greedily with no card, with a card that
+    states the true place (the engine's gold path), and with one that names a wrong receptacle.
+    A solver that reads wins more with the first and less with the second than with none."""
+    from evolving_rl.builders import build_policy, build_pool, build_rollout, build_suite
+    from evolving_rl.evaluate import eval_sampling
+    from evolving_rl.rollout import Job
+
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model})})
+    tasks = build_suite(cfg).tasks("eval_unseen")[:n]
+    policy = build_policy(cfg)
+
+    def card(obj: str, place: str) -> str:
+        return render_card(Skill.model_validate(twc.facts_skill([(obj, place, True)])))
+
+    facts = [dict(t.meta) for t in tasks]
+    wrong = []
+    env = twc.TWCEnv({"expert": False})
+    try:
+        for t, f in zip(tasks, facts):  # another receptacle of the same room, read off its first observation
+            room = env.reset(t).observation
+            places = [p for p in re.findall(r"(?:see|is also|also see) an? ([A-Za-z ]+?)(?:, that| that is)", room)
+                      if p != f["receptacle"]]
+            wrong.append(places[0] if places else "floor")
+    finally:
+        env.close()
+    cards = {"no card": [None] * len(tasks), "true place": [card(f["object"], f["receptacle"]) for f in facts],
+             "wrong place": [card(f["object"], w) for f, w in zip(facts, wrong)]}
+    out = {}
+    with build_pool(cfg) as pool:
+        rollout = build_rollout(cfg, policy, pool)
+        for name, cs in cards.items():
+            eps = rollout.run([Job(t, c) for t, c in zip(tasks, cs)], eval_sampling(cfg.rollout.solver, greedy=True), seed=0)
+            out[name] = [sum(e.won for e in eps), len(eps)]
+            say(f"{name}: {out[name][0]}/{out[name][1]}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["warmstart", "data", "clone", "eval"],
+    ap.add_argument("stage", choices=["warmstart", "data", "clone", "eval", "probe"],
                     help="warmstart = data + clone + eval")
     ap.add_argument("--config", default=str(CONFIG))
     ap.add_argument("--out", default=str(ROOT / "checkpoints" / "tiny-twc-sft"))
@@ -183,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", help="the untrained model and examples.pt (default: <out>-init)")
     ap.add_argument("--start", help="clone: continue from this checkpoint instead of the untrained model")
     ap.add_argument("--train-sample", type=int, default=2000, help="clone --start: train-game examples kept beside all dev ones")
+    ap.add_argument("--dev-extract", type=int, default=400, help="clone --start: dev extraction examples kept")
     ap.add_argument("--rebuild", action="store_true", help="data: a new tokenizer and untrained model even if <out>-init exists")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
@@ -194,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("warmstart", "clone"):
         clone(args, cfg, init)
     if args.stage in ("data", "clone"):
+        return 0
+    if args.stage == "probe":
+        if not args.model:
+            raise SystemExit("probe: pass --model DIR")
+        say(json.dumps(probe(args.model, cfg, cfg.eval.max_tasks or 40)))
         return 0
     if args.stage == "warmstart":
         model, ev_out = args.out, Path(args.out) / "eval"

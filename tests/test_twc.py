@@ -120,3 +120,29 @@ def test_warm_start_examples_keep_dev_objects_card_only():
     assert sorted(i for i, _ in relevant) == ["t0", "t1"]
     assert all("The apple goes in the fridge." in c for _, c in relevant)
     assert all(("apple" in c) != (twc.task_object(d["task"]) == "apple") for d, c, r in pairs if not r)
+
+
+def test_skill_transfer_table_smoke_budget(tmp_path):
+    """The benchmark's smoke budget end to end on the shipped twc warm start: every method of the
+    paper's table (and the random-skill ablation) trains one step and is evaluated; the results
+    hold, per method and seed, {split: {protocol: [wins, n]}}."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import paper_table
+
+    model = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-twc-sft"
+    if not (model / "config.json").is_file():
+        pytest.skip("the twc warm start is not in this checkout (benchmarks/skill_transfer.py warmstart builds it)")
+    results = tmp_path / "results"
+    rc = paper_table.main(["--budget", "twc_smoke", "--out", str(tmp_path / "runs"), "--results", str(results),
+                           "--no-start-row", f"--model={model}", f"retrieval.cache_dir={tmp_path / 'emb'}"])
+    assert rc == 0
+    report = json.loads((results / "paper_table_twc_smoke.json").read_text())
+    assert list(report["rows"]) == ["GRPO", "Evolving-RL", "solver only", "extractor only", "random skill"]
+    assert {row["episodes"] for row in report["rows"].values()} == {10}  # equal budget: 2*(1+2*2)
+    for name, seeds in report["counts"].items():
+        (c,) = seeds  # one seed
+        for split in ("eval_seen", "eval_unseen"):
+            for proto in ("no_skill", "one_shot"):
+                wins, n = c[split][proto]
+                assert n == 4 and 0 <= wins <= n, (name, split, proto)
+        assert report["rows"][name]["cells"]["eval_unseen/one_shot"]["wins"] == c["eval_unseen"]["one_shot"][0]
