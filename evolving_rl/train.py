@@ -29,7 +29,7 @@ from evolving_rl.algorithms.base import StepParts
 from evolving_rl.builders import build_policy, build_pool, build_reference, build_rollout, build_suite
 from evolving_rl.common import TaskCursor, check_no_overlap, env_options, prompt_mismatch, snapshot_sqlite
 from evolving_rl.config import RunConfig, save_config
-from evolving_rl.evaluate import Evaluator, compare_table, format_table, load_results
+from evolving_rl.evaluate import Evaluator, check_bank_no_overlap, compare_table, format_table, load_results
 
 __all__ = ["Trainer", "env_options"]
 
@@ -60,23 +60,29 @@ def merge_metrics(*parts: dict) -> dict:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None when it is complete."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: Path) -> tuple[str | None, dict | None]:
+    """(why it cannot be resumed from, None) or (None, its trainer state). The trainer state is
+    loaded once, here: at 7B its optimizer moments are tens of GB."""
     try:
         state = json.loads((path / "state.json").read_text())
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"state.json unreadable ({type(e).__name__}: {e})"
+        return f"state.json unreadable ({type(e).__name__}: {e})", None
+    model = path / "model"
+    if not (model / "config.json").is_file():
+        return "model/config.json missing", None
+    for f in model.glob("*.safetensors"):
+        if (why := _safetensors_problem(f)) is not None:
+            return why, None
     try:
         blob = torch.load(path / "trainer.pt", weights_only=False, map_location="cpu")
         blob["optimizer"], blob["rng"]
     except Exception as e:  # a truncated zip archive raises RuntimeError, a missing file OSError
-        return f"trainer.pt unreadable ({type(e).__name__}: {str(e)[:200]})"
-    model = path / "model"
-    if not (model / "config.json").is_file():
-        return "model/config.json missing"
-    for f in model.glob("*.safetensors"):
-        if (why := _safetensors_problem(f)) is not None:
-            return why
-    return None
+        return f"trainer.pt unreadable ({type(e).__name__}: {str(e)[:200]})", None
+    return None, blob
 
 
 def _safetensors_problem(f: Path) -> str | None:
@@ -118,6 +124,7 @@ class Trainer:
         check_no_overlap(self.train_tasks, self.eval_tasks, "training pool")
         step_cls = algorithms.lookup(cfg.algorithm)
         step_cls.check(cfg, self.train_tasks)
+        self._blob = None  # the trainer state of the checkpoint found below, until it is applied
         latest = self._find_checkpoint() if resume else None
 
         torch.manual_seed(cfg.seed)
@@ -140,6 +147,10 @@ class Trainer:
             self.cursor = TaskCursor(self.train_tasks, cfg.seed)
             self.algorithm = step_cls.setup(StepParts(cfg, self.policy, self.rollout, self.cursor, self.train_tasks,
                                                       self.run_dir))
+            if self.bank_path is not None and self.bank_path.is_file():
+                # A shared library.path the run will add to and ship: it must not already hold
+                # skills extracted from the tasks this run evaluates on.
+                check_bank_no_overlap(self.bank_path, self.eval_tasks)
         except BaseException:
             self.pool.close()
             raise
@@ -268,7 +279,7 @@ class Trainer:
         found = sorted((p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p.suffix != ".tmp"), reverse=True)
         order = ([named] if named is not None and named.is_dir() else []) + [p for p in found if p != named]
         for path in order:
-            why = checkpoint_problem(path)
+            why, self._blob = read_checkpoint(path)
             if why is None:
                 if path != order[0]:
                     self.print(f"resuming from the previous complete checkpoint {path.name}")
@@ -329,7 +340,7 @@ class Trainer:
         self.step = state["step"]
         self.cursor = TaskCursor(self.train_tasks, self.cfg.seed, **state["cursor"])
         self.algorithm.cursor = self.cursor
-        blob = torch.load(path / "trainer.pt", weights_only=False)
+        blob, self._blob = self._blob, None
         if blob.get("adapter") is not None:
             from peft import set_peft_model_state_dict
 

@@ -287,6 +287,21 @@ def test_num_downstream_larger_than_the_pool_fails_before_anything_is_written(ga
     assert not run.exists()
 
 
+@pytest.mark.slow
+def test_a_shared_bank_holding_eval_task_skills_is_refused_at_start_up(games_dir, tiny_model, tmp_path, make_config):
+    from evolving_rl.envs.base import make_suite
+    from evolving_rl.train import Trainer, env_options
+
+    run = tmp_path / "run"
+    cfg = make_config(games_dir, tiny_model, run, "algorithm=evolving", "library.persist_top=1",
+                      f"library.path={tmp_path / 'shared.sqlite'}", "eval.splits=[eval_seen]")
+    eval_id = make_suite("alfworld", env_options(cfg)).tasks("eval_seen")[0].id
+    _bank(tmp_path / "shared.sqlite", ["train/x", eval_id])
+    with pytest.raises(ValueError, match="leakage: the skill bank .*shared.sqlite holds skills extracted from 1 task"):
+        Trainer(cfg)
+    assert not run.exists()
+
+
 def _rows(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 

@@ -56,8 +56,10 @@ class EvolvingStep:
         n = len(train_tasks)
         if ev.exclusion == "source":
             eligible = n - 1
-        elif ev.exclusion == "identical_description":
-            eligible = n - max(Counter(" ".join(t.description.lower().split()) for t in train_tasks).values(), default=0)
+        elif ev.exclusion == "identical_description":  # the same key retrieval excludes by
+            from evolving_rl.retrieval import _desc_key
+
+            eligible = n - max(Counter(_desc_key(t.description) for t in train_tasks).values(), default=0)
         else:
             eligible = n
         if ev.num_downstream > eligible:
