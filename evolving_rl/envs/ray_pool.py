@@ -34,6 +34,9 @@ from typing import Any
 from evolving_rl.envs.workers import EnvPool, Op, _EnvHost
 
 
+ACTOR_START_S = 120.0  # how long a freshly started actor may take to answer its first call
+
+
 def _require_ray() -> Any:
     try:
         import ray
@@ -79,6 +82,7 @@ class _ActorWorker:
         self.actor = actor_class.remote(env_name, options, list(sys.path))
         self.index = index
         self._pid: int | None = None
+        self.started = False  # answered once: its process is up, imports done
 
     @property
     def pid(self) -> int:
@@ -161,7 +165,12 @@ class RayEnvPool(EnvPool):
         # no episode's fault, unless we started it during this very call (an actor that cannot
         # start must still use up the retries).
         inflight: dict[Any, int] = {self._workers[w].actor.pid.remote(): w for w in todo}
-        deadline = {w: time.monotonic() + self.step_timeout_s for w in todo}
+        # A new actor's first answer waits for Ray to start a process and import the engine
+        # (seconds on a busy node): that is not a hung step.
+        deadline = {
+            w: time.monotonic() + (self.step_timeout_s if self._workers[w].started else max(self.step_timeout_s, ACTOR_START_S))
+            for w in todo
+        }
         started: set[int] = set()  # workers whose ping came back
 
         def send_next(w: int) -> None:
@@ -186,6 +195,7 @@ class RayEnvPool(EnvPool):
                     continue
                 if w not in started:
                     started.add(w)
+                    self._workers[w].started = True
                 else:
                     kind, value = answer
                     op = todo[w].pop(0)
