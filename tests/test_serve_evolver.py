@@ -218,3 +218,21 @@ def test_evolve_stream_records_arms_and_admits_extracted_skills(tmp_path):
     assert "promoted" in later and "trial" not in later
     won = {a: [r["won"] for r in log if r["arm"] == a] for a in set(arms)}
     assert all(won["promoted"]) and not any(won["control"])
+
+
+def test_cli_serve_and_evolve_help_and_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from evolving_rl.cli import app
+
+    run = CliRunner().invoke
+    r = run(app, ["serve", "--help"])
+    assert r.exit_code == 0 and "EVOLVING_RL_ADMIN_TOKEN" in r.output and "--library" in r.output
+    r = run(app, ["serve", f"model.path={tmp_path / 'none'}"])
+    assert r.exit_code == 2 and "model.path: no model directory" in r.output
+    r = run(app, ["serve", "serve.port=70000"])
+    assert r.exit_code == 2 and "serve.port" in r.output
+    r = run(app, ["evolve", "--help"])
+    assert r.exit_code == 0 and "--no-learn" in r.output
+    r = run(app, ["evolve", f"model.path={tmp_path / 'none'}"])
+    assert r.exit_code == 2 and "model.path: no model directory" in r.output
