@@ -222,6 +222,8 @@ def test_bad_input_gets_4xx_and_stores_nothing(server):
     after = state(c)
     assert after == before  # nothing from a rejected request was stored
     assert c.get("/healthz").json()["live_episodes"] == 1  # the one valid start, still live
+    ok = c.post("/v1/episodes", content=(p for p in [b'{"task": "put a mug', b' in the sink"}']), headers=js)
+    assert ok.status_code == 200, ok.text  # a small chunked body (no Content-Length) is read whole
 
 
 def test_rate_limiter_bounds_a_burst():
