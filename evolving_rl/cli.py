@@ -89,8 +89,8 @@ def games_generate(
     train_unseen: int = typer.Option(300, "--train-unseen", help="Held-out types, training floorplans (experience pool)."),
     eval_seen: int = typer.Option(140, "--eval-seen"),
     eval_unseen: int = typer.Option(134, "--eval-unseen"),
-    max_expert_steps: int = typer.Option(50, "--max-expert-steps"),
-    workers: int = typer.Option(2, "--workers"),
+    max_expert_steps: int = typer.Option(50, "--max-expert-steps", min=1),
+    workers: int = typer.Option(2, "--workers", min=1),
 ):
     """Generate ALFWorld games from the floorplans shipped in `alfworld`; keep only games the expert wins."""
     from evolving_rl.envs.alfworld_gen import generate_games

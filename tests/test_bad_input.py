@@ -272,6 +272,10 @@ CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]]
     # building games and models: inputs are checked before the output directory is made
     ("games-generate-negative-size", _none, ["games", "generate", "--out", "TMP/g", "--train", "-1"],
      ["'train'", "-1"], ["TMP/g"]),
+    ("games-generate-zero-expert-steps", _none, ["games", "generate", "--out", "TMP/g", "--max-expert-steps", "0"],
+     ["--max-expert-steps"], ["TMP/g"]),
+    ("games-generate-negative-workers", _none, ["games", "generate", "--out", "TMP/g", "--workers", "-3"],
+     ["--workers"], ["TMP/g"]),
     ("games-generate-out-is-a-file", _write("g", "x"), ["games", "generate", "--out", "FILE", "--train", "1",
      "--train-unseen", "0", "--eval-seen", "0", "--eval-unseen", "0"], ["FILE", "is a file"], []),
     ("model-tiny-bad-demos", _write("d.jsonl", '{"task": 1}\n'), ["model", "tiny", "--demos", "FILE", "--out",
@@ -401,3 +405,12 @@ def test_report_notes_unreadable_inputs_instead_of_crashing(tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "config.yaml: not readable" in page and "metrics.jsonl: not readable" in page
     assert "eval/final.json: skipped" in page
+
+
+def test_generate_games_checks_its_numbers_before_making_the_directory(tmp_path):
+    from evolving_rl.envs.alfworld_gen import GenerationError, generate_games
+
+    for kwargs, name in (({"max_expert_steps": 0}, "max_expert_steps"), ({"workers": -3}, "workers")):
+        with pytest.raises(GenerationError, match=name):
+            generate_games(tmp_path / "g", seed=0, sizes={"train": 1}, **kwargs)
+        assert not (tmp_path / "g").exists()

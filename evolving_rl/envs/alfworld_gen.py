@@ -412,6 +412,9 @@ def generate_games(
             raise GenerationError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         if not isinstance(n, int) or n < 0:
             raise GenerationError(f"games for split {split!r} must be a non-negative integer, got {n!r}")
+    for name, v in (("max_expert_steps", max_expert_steps), ("workers", workers)):
+        if not isinstance(v, int) or v < 1:  # checked here: the engine would only fail after out_dir exists
+            raise GenerationError(f"{name} must be an integer >= 1, got {v!r}")
     out = Path(out_dir).resolve()  # the engine does not find games by relative path from workers
     if out.exists() and not out.is_dir():
         raise GenerationError(f"output directory {out} is a file; choose a new directory")
