@@ -469,9 +469,9 @@ def create_app(service: Service) -> FastAPI:
     # -- the library ---------------------------------------------------------------------
 
     @app.get("/v1/skills")
-    async def skills(status: Literal["quarantined", "promoted", "retired"] | None = None):
-        out = service.evolver.skills(include_retired=True)
-        return {"skills": [x for x in out if status is None or x["status"] == status],
+    async def skills(status: Literal["quarantined", "promoted", "retired"] | None = None,
+                     offset: int = Query(0, ge=0, le=2**62), limit: int = Query(100, ge=1, le=1000)):
+        return {"skills": service.evolver.skills(status=status, offset=offset, limit=limit),
                 "version": service.evolver.current_version()}
 
     @app.get("/v1/skills/{skill_id}")

@@ -360,27 +360,33 @@ class SkillEvolver:
         keys = ("id", "at", "actor", "action", "skill_id", "library_version", "reason", "detail")
         return [{**dict(zip(keys, r)), "detail": json.loads(r[7])} for r in rows]
 
-    def skills(self, include_retired: bool = True) -> list[dict]:
-        """Every skill with its lifecycle, counts and measured lift over its control."""
+    def skills(self, include_retired: bool = True, status: str | None = None, offset: int = 0,
+               limit: int | None = None) -> list[dict]:
+        """Skills (by id, a page of them) with their lifecycle, counts and measured lift over their
+        control; paged because each lift is a posterior computed on the spot."""
         recs = {r.id: r for r in self.library.list(include_retired=include_retired)}
-        rows = self.library._db.execute(f"SELECT {_LIFE_COLS} FROM skill_lifecycle ORDER BY skill_id").fetchall()
+        where, args = ("WHERE status=?", [status]) if status else ("", [])
+        rows = self.library._db.execute(
+            f"SELECT {_LIFE_COLS} FROM skill_lifecycle {where} ORDER BY skill_id LIMIT ? OFFSET ?",
+            [*args, -1 if limit is None else int(limit), int(offset)]).fetchall()
         out = []
         for row in rows:
             life = dict(zip(_LIFE_COLS.split(", "), row))
-            rec = recs.get(life["skill_id"])
-            if rec is None:
-                continue
-            lift = lift_posterior(life["wins"], life["uses"], life["ctrl_wins"], life["ctrl_uses"], self.cfg.margin)
-            out.append({"id": rec.id, "name": rec.name, "version": rec.version, **{k: life[k] for k in life if k != "skill_id"},
-                        "lift": lift.to_dict(), "source_task_id": rec.provenance.get("source_task_id"),
-                        "created_at": rec.created_at})
+            if life["skill_id"] in recs:
+                out.append(self._row(life, recs[life["skill_id"]]))
         return out
+
+    def _row(self, life: dict, rec) -> dict:
+        lift = lift_posterior(life["wins"], life["uses"], life["ctrl_wins"], life["ctrl_uses"], self.cfg.margin)
+        return {"id": rec.id, "name": rec.name, "version": rec.version,
+                **{k: life[k] for k in life if k != "skill_id"}, "lift": lift.to_dict(),
+                "source_task_id": rec.provenance.get("source_task_id"), "created_at": rec.created_at}
 
     def skill(self, skill_id: int) -> dict:
         rec = self.library.get(skill_id)
-        life = next((s for s in self.skills() if s["id"] == rec.id), None)
-        return {**(life or {}), "card": rec.card, "skill": rec.skill, "provenance": rec.provenance,
-                "merge_history": rec.history}
+        life = self._life(self.library._db, rec.id)
+        return {**(self._row(life, rec) if life else {}), "card": rec.card, "skill": rec.skill,
+                "provenance": rec.provenance, "merge_history": rec.history}
 
     def arm_stats(self) -> dict[str, dict]:
         rows = self.library._db.execute("SELECT arm, episodes, wins FROM arm_stats ORDER BY arm")
