@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                     curves[name] = rec
             timing[name]["wall_s"] += info.get("wall_s", 0.0)
             per_seed[name].append(read_cells(run_dir))
-    counts = {name: [{split: {proto: [c["wins"], c["n"]] for key, c in cells.items() for split, proto in [key.split("/")]
-                              if split == s} for s in ("eval_seen", "eval_unseen")} for cells in per_seed[name]]
+    counts = {name: [{s: {proto: [c["wins"], c["n"]] for key, c in cells.items() for split, proto in [key.split("/")]
+                          if split == s} for s in ("eval_seen", "eval_unseen")} for cells in per_seed[name]]
               for name in names}  # per method and seed: {split: {protocol: [wins, n]}}
     for name in names:
         rows[name] = {"cells": pooled(per_seed[name]), **timing[name]}

@@ -173,7 +173,7 @@ def train_vs_bare(policy, samples, micro_batch_tokens: int, update_s: float) -> 
 def env_suites(cfg, work: Path) -> dict[str, tuple[str, dict, Any]]:
     """Every engine that imports here: (registered name, options, a few tasks)."""
     from evolving_rl.envs.base import available, make_suite
-    from evolving_rl.train import env_options
+    from evolving_rl.common import env_options
 
     names = available()
     out: dict[str, tuple[str, dict, Any]] = {}

@@ -27,11 +27,9 @@ import torch
 from evolving_rl import algorithms
 from evolving_rl.algorithms.base import StepParts
 from evolving_rl.builders import build_policy, build_pool, build_reference, build_rollout, build_suite
-from evolving_rl.common import TaskCursor, check_no_overlap, env_options, prompt_mismatch, snapshot_sqlite
+from evolving_rl.common import TaskCursor, check_no_overlap, prompt_mismatch, snapshot_sqlite
 from evolving_rl.config import RunConfig, save_config
 from evolving_rl.evaluate import Evaluator, check_bank_no_overlap, compare_table, format_table, load_results
-
-__all__ = ["Trainer", "env_options"]
 
 # Metric namespaces (CleanRL's `losses/` and `charts/`): one key, one meaning.
 NAMESPACES = ("rollout/", "extractor/", "solver/", "loss/", "time/")

@@ -84,7 +84,7 @@ def tw_demos(tmp_path_factory):
 def test_real_engines_expert_demos_are_all_won(which, request):
     cfg, stats, out = request.getfixturevalue(which)
     from evolving_rl.envs.base import make_suite
-    from evolving_rl.train import env_options
+    from evolving_rl.common import env_options
 
     records = _read(out)
     suite = make_suite(cfg.env.name, env_options(cfg))

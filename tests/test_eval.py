@@ -102,7 +102,8 @@ def test_library_protocol_and_transfer_to_a_second_model(games_dir, second_model
 def test_leakage_guard_refuses_overlap(games_dir, tiny_model, tmp_path, make_config):
     from evolving_rl.evaluate import Evaluator, check_no_overlap
     from evolving_rl.envs.base import make_suite
-    from evolving_rl.train import Trainer, env_options
+    from evolving_rl.common import env_options
+    from evolving_rl.train import Trainer
 
     cfg = make_config(games_dir, tiny_model, tmp_path / "a", "eval.splits=[eval_seen,train]")
     with pytest.raises(ValueError, match=r"leakage: \d+ task\(s\) of eval split 'train' are also in the training pool"):

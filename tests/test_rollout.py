@@ -14,7 +14,7 @@ def _rollout(games_dir, tiny_model, make_config, tmp_path, *extra):
     from evolving_rl.envs.workers import EnvPool
     from evolving_rl.policy.hf import HFPolicy
     from evolving_rl.rollout import Rollout
-    from evolving_rl.train import env_options
+    from evolving_rl.common import env_options
 
     cfg = make_config(games_dir, tiny_model, tmp_path, "env.max_steps=4", *extra)
     policy = HFPolicy(cfg.model)

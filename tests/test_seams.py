@@ -290,7 +290,8 @@ def test_num_downstream_larger_than_the_pool_fails_before_anything_is_written(ga
 @pytest.mark.slow
 def test_a_shared_bank_holding_eval_task_skills_is_refused_at_start_up(games_dir, tiny_model, tmp_path, make_config):
     from evolving_rl.envs.base import make_suite
-    from evolving_rl.train import Trainer, env_options
+    from evolving_rl.common import env_options
+    from evolving_rl.train import Trainer
 
     run = tmp_path / "run"
     cfg = make_config(games_dir, tiny_model, run, "algorithm=evolving", "library.persist_top=1",

@@ -126,7 +126,7 @@ def test_dagger_round_labels_the_clones_own_states(games_dir, demos_path, tiny_m
     from evolving_rl.envs.base import make_suite
     from evolving_rl.policy.hf import HFPolicy
     from evolving_rl.sft import build_examples, dagger, load_demos
-    from evolving_rl.train import env_options
+    from evolving_rl.common import env_options
 
     cfg = make_config(games_dir, tiny_model, tmp_path, "env.max_steps=5", "sft.dagger_rounds=1", "sft.dagger_games=3",
                       "sft.dagger_minutes=0.05", "sft.batch_size=8")
