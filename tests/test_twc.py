@@ -146,3 +146,12 @@ def test_skill_transfer_table_smoke_budget(tmp_path):
                 wins, n = c[split][proto]
                 assert n == 4 and 0 <= wins <= n, (name, split, proto)
         assert report["rows"][name]["cells"]["eval_unseen/one_shot"]["wins"] == c["eval_unseen"]["one_shot"][0]
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(ValueError, match="unknown env.options \\['budgt'\\]"):
+        twc.TWCSuite({"budgt": 3})
+    with pytest.raises(ValueError, match="twc option budget: expected an integer in 2..100, got 1"):
+        twc.TWCSuite({"budget": 1})
+    with pytest.raises(ValueError, match="unknown split 'eval'"):
+        twc.TWCSuite({}).tasks("eval")
