@@ -64,11 +64,12 @@ def test_shipped_configs_load_and_name_registered_envs_and_their_splits():
     engine has (a wrong split name would otherwise fail hours into a run)."""
     from pathlib import Path
 
-    from evolving_rl.envs import mind2web, splits
+    from evolving_rl.envs import mind2web, splits, twc
     from evolving_rl.envs.base import available
 
     env_splits = {"alfworld": None, "twx": splits.SPLITS, "scienceworld": splits.SPLITS,
-                  "textworld": splits.SPLITS, "mind2web": mind2web.SPLITS}  # alfworld: checked by load_config
+                  "textworld": splits.SPLITS, "mind2web": mind2web.SPLITS,
+                  "twc": twc.SPLIT_NAMES}  # alfworld: checked by load_config
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert len(configs) >= 12, [c.name for c in configs]
     names = available()
