@@ -155,3 +155,16 @@ def test_bad_options_name_the_option():
         twc.TWCSuite({"budget": 1})
     with pytest.raises(ValueError, match="unknown split 'eval'"):
         twc.TWCSuite({}).tasks("eval")
+
+
+def test_rl_fold_dev_trains_on_objects_the_warm_start_never_placed():
+    s = twc.TWCSuite({**SMALL, "rl_fold": "dev"})
+    try:
+        train = s.tasks("train")
+        assert len(train) == 40 and all(t.id.startswith("twc/dev/") and t.split == "train" for t in train)
+        assert not _kinds(train) & (_kinds(s.tasks("eval_unseen")) | _kinds(s.tasks("train_unseen")))
+        assert _kinds(s.tasks("eval_seen")) <= _kinds(s.tasks("dev"))  # seen = placed in the warm start
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="rl_fold: 'train' or 'dev', got 'test'"):
+        twc.TWCSuite({"rl_fold": "test"})

@@ -122,7 +122,7 @@ class TWCSuite:
 
     env_name = "twc"
 
-    OPTIONS = ("train_games", "dev_games", "eval_games", "pool_games", "budget", "twc_params",
+    OPTIONS = ("train_games", "dev_games", "eval_games", "pool_games", "budget", "rl_fold", "twc_params",
                "games_dir", "max_steps", "seed", "expert")  # the last four: every engine's run options
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
@@ -135,6 +135,13 @@ class TWCSuite:
         self.pool_games = _int_option(options, "pool_games", 200, 1, 800)
         self.budget = _int_option(options, "budget", DEFAULT_BUDGET, 2, 100)
         self.params = str(options.get("twc_params", GAME_PARAMS))
+        # rl_fold=dev: the split named `train` (RL sources, downstream tasks and the training
+        # retrieval pool) holds the dev-fold games, whose objects a warm start cloned on the
+        # train fold alone has never placed: the only fold where a skill can change an RL reward
+        # (on train-fold games the clone wins every downstream episode, so every advantage is 0).
+        self.rl_fold = str(options.get("rl_fold", "train"))
+        if self.rl_fold not in ("train", "dev"):
+            raise ValueError(f"twc option rl_fold: 'train' or 'dev', got {self.rl_fold!r}")
         self._splits: dict[str, list[Task]] | None = None
         self._env: TWCEnv | None = None
 
@@ -180,6 +187,8 @@ class TWCSuite:
             "train_unseen": [self._task("train_unseen", "test", s, d, k, p, None) for s, d, k, p in pool],
         }
         check_kinds_disjoint(out["train"] + out["dev"], out["eval_unseen"] + out["train_unseen"])
+        if self.rl_fold == "dev":
+            out["train"], out["dev"] = [replace(t, split="train") for t in out["dev"]], out["train"]
         return out
 
     def close(self) -> None:
