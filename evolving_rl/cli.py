@@ -248,12 +248,13 @@ def eval_cmd(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory (train or eval output).")):
+def report(run_dir: Path = typer.Argument(..., help="A run directory (train or eval output), or a served skill "
+                                         "library's .sqlite file (the report is written next to it).")):
     """Write one self-contained HTML report (plots embedded, all model text escaped)."""
     from evolving_rl.report import write_report
 
-    if not run_dir.is_dir():
-        _fail(f"no run directory at {run_dir}")
+    if not (run_dir.is_dir() or run_dir.is_file()):
+        _fail(f"no run directory or skill library file at {run_dir}")
     try:
         console.print(f"report -> {write_report(run_dir)}")
     except (ValueError, OSError) as e:  # an output path taken by a directory or file; a read-only run dir

@@ -44,12 +44,18 @@ pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:.4em;m
 """
 
 # Sorts a table.sortable by the clicked column: numbers numerically (data-v if set), text otherwise.
-_JS = """
-document.querySelectorAll('table.sortable th').forEach(function(th,col){th.addEventListener('click',function(){
+# The column is the header's cellIndex: an index over all pages' headers sorted the wrong column
+# in every sortable table after the first.
+# `report.html#sort=TABLE_ID:COLUMN[:desc]` clicks that header on load: a bookmarkable ordering,
+# and the hook a headless browser uses to check that sorting works (it cannot click).
+_JS = r"""
+document.querySelectorAll('table.sortable th').forEach(function(th){var col=th.cellIndex;th.addEventListener('click',function(){
 var tb=th.closest('table').tBodies[0],rows=Array.from(tb.rows),asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
 function key(r){var c=r.cells[col],v=c.dataset.v!==undefined?c.dataset.v:c.textContent.trim(),n=parseFloat(v);return isNaN(n)?v.toLowerCase():n;}
 rows.sort(function(a,b){var x=key(a),y=key(b);if(typeof x!==typeof y){x=String(x);y=String(y);}return (x<y?-1:x>y?1:0)*(asc?1:-1);});
 rows.forEach(function(r){tb.appendChild(r);});});});
+var m=/^#sort=([\w-]+):(\d+)(:desc)?$/.exec(location.hash),t=m&&document.getElementById(m[1]);
+if(t){var h=t.tHead.rows[0].cells[+m[2]];if(h){h.click();if(m[3])h.click();}}
 """
 
 
@@ -78,8 +84,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return esc(v)
 
 
-def _table(headers: list[str], rows: list[list[Any]], sortable: bool = False) -> str:
-    """Cells are escaped unless given as ("raw", html) by code that escaped them itself."""
+def _table(headers: list[str], rows: list[list[Any]], sortable: bool = False, table_id: str | None = None) -> str:
+    """Cells are escaped unless given as ("raw", html) by code that escaped them itself;
+    ("key", sort_key, text) shows `text` but sorts by the number `sort_key` (a time, an interval)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = []
     for row in rows:
@@ -87,13 +94,16 @@ def _table(headers: list[str], rows: list[list[Any]], sortable: bool = False) ->
         for c in row:
             if isinstance(c, tuple) and c[0] == "raw":
                 cells.append(f"<td>{c[1]}</td>")
+            elif isinstance(c, tuple) and c[0] == "key":
+                cells.append(f'<td class="num" data-v="{_num(c[1])}">{esc(c[2])}</td>')
             elif isinstance(c, (int, float)) and not isinstance(c, bool):
                 cells.append(f'<td class="num" data-v="{c}">{_fmt(c)}</td>')
             else:
                 cells.append(f"<td>{esc(c)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     cls = ' class="sortable"' if sortable else ""
-    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    tid = f' id="{esc(table_id)}"' if table_id else ""
+    return f"<table{tid}{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 # -- loading: every reader returns (data, notes) and never raises on a broken run dir -------
@@ -123,9 +133,10 @@ def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     return rows
 
 
-def _load(run_dir: Path) -> dict:
+def _load(run_dir: Path, lib: Path) -> dict:
     notes: list[str] = []
-    data: dict[str, Any] = {"notes": notes, "config": {}, "metrics": [], "evals": [], "episodes": {}, "skills": None}
+    data: dict[str, Any] = {"notes": notes, "config": {}, "metrics": [], "evals": [], "episodes": {}, "skills": None,
+                            "service": None}
     cfg = run_dir / "config.yaml"
     if cfg.exists():
         try:
@@ -158,20 +169,60 @@ def _load(run_dir: Path) -> dict:
         notes.append("eval/*.json is missing: no evaluation tables")
     if not data["episodes"]:
         notes.append("eval/*_episodes.jsonl is missing: no trajectories")
-    lib = run_dir / "skills.sqlite"
     if lib.exists():
         try:
             from evolving_rl.skills.library import SkillLibrary
 
             with SkillLibrary(lib, mode="read") as sl:  # a foreign file must stay as it was
                 data["skills"] = sl.list(include_retired=True)
+                data["service"] = _load_service(sl._db, _get(data["config"], "evolve.margin"), notes)
         except Exception as e:  # a corrupt or foreign file must not sink the whole report
-            notes.append(f"skills.sqlite: not readable as a skill library ({e})")
+            notes.append(f"{lib.name}: not readable as a skill library ({e})")
     else:
-        notes.append("skills.sqlite is absent: no skill library section")
+        notes.append(f"{lib.name} is absent: no skill library section")
     # Final first, then the latest evaluations: the reader wants the headline number on top.
     data["evals"].sort(key=lambda e: (e["tag"] != "final", -(e["step"] if isinstance(e.get("step"), int) else 0)))
     return data
+
+
+MAX_SERVICE_ROWS = 500  # per service table: a long-lived deployment's audit log is unbounded
+_SERVICE_TABLES = ("skill_lifecycle", "skill_audit_log", "library_versions", "arm_stats")
+
+
+def _load_service(db: Any, margin: Any, notes: list[str]) -> dict | None:
+    """The lifecycle tables `serve`/`evolve` keep in the library (serve/evolver.py), read with
+    plain queries on the read-only connection: opening a SkillEvolver would write (schema,
+    adoption, a first version) into a file the report must leave as it was. None when the
+    library has never been served or evolved."""
+    from evolving_rl.serve.guardrails import lift_posterior
+
+    have = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not set(_SERVICE_TABLES) <= have:
+        return None
+    margin = _num(margin)
+    margin = 0.0 if math.isnan(margin) else margin  # the guardrail's default when the run's config does not say
+    cap = MAX_SERVICE_ROWS
+    skills = []
+    for sid, status, uses, wins, cu, cw, reason, name, source in db.execute(
+            "SELECT l.skill_id, l.status, l.uses, l.wins, l.ctrl_uses, l.ctrl_wins, l.reason, s.name, "
+            "json_extract(s.provenance, '$.source_task_id') FROM skill_lifecycle l JOIN skills s ON s.id = l.skill_id "
+            "ORDER BY l.skill_id LIMIT ?", (cap,)):
+        try:
+            lift = lift_posterior(wins, uses, cw, cu, margin)
+        except (ValueError, TypeError):  # counts a hand-edited file made inconsistent: shown, not measured
+            lift = None
+        skills.append({"id": sid, "status": status, "uses": uses, "wins": wins, "ctrl_uses": cu, "ctrl_wins": cw,
+                       "reason": reason, "name": name, "source": source, "lift": lift})
+    totals = {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in _SERVICE_TABLES}
+    versions = db.execute("SELECT version, at, actor, reason, skills FROM library_versions ORDER BY version DESC "
+                          "LIMIT ?", (cap,)).fetchall()
+    audit = db.execute("SELECT id, at, actor, action, skill_id, library_version, reason, detail FROM skill_audit_log "
+                       "ORDER BY id DESC LIMIT ?", (cap,)).fetchall()
+    arms = db.execute("SELECT arm, episodes, wins FROM arm_stats ORDER BY arm").fetchall()
+    for table, shown in (("skill_lifecycle", skills), ("library_versions", versions), ("skill_audit_log", audit)):
+        if totals[table] > len(shown):
+            notes.append(f"{table}: {totals[table]} rows, the {len(shown)} {'first' if table == 'skill_lifecycle' else 'latest'} shown")
+    return {"skills": skills, "versions": versions, "audit": audit, "arms": arms, "margin": margin}
 
 
 # -- plots ----------------------------------------------------------------------------------
@@ -372,6 +423,60 @@ def _skills_section(records: list | None) -> str:
     return f"<p>{live} live, {len(records) - live} retired. Click a column header to sort.</p>" + _table(heads, rows, True)
 
 
+def _when(t: Any) -> Any:
+    """A UTC time that sorts by its epoch seconds."""
+    import datetime as dt
+
+    at = _num(t)
+    if math.isnan(at):
+        return ""
+    return ("key", at, dt.datetime.fromtimestamp(at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+
+def _rate(wins: Any, n: Any) -> Any:
+    w, k = _num(wins), _num(n)
+    return ("key", w / k, f"{w / k:.3f} ({w:g}/{k:g})") if k and k > 0 else ("key", math.nan, f"- (0/{k:g})")
+
+
+def _service_section(svc: dict | None) -> str:
+    """What a person running `evolving-rl serve` asks: which skills are in use, do they beat the
+    no-skill control (the lift with its 95% interval, not a point estimate), what changed, who
+    changed it and why, and which version to roll back to."""
+    if svc is None:
+        return '<p class="note">No service tables in the library: it has not been served or evolved.</p>'
+    counts = defaultdict(int)
+    for s in svc["skills"]:
+        counts[s["status"]] += 1
+    out = [f"<p>{counts['promoted']} promoted, {counts['quarantined']} quarantined, {counts['retired']} retired; "
+           f"library version {esc(svc['versions'][0][0]) if svc['versions'] else '?'}. Lift = success with the skill "
+           f"− success of its no-skill control episodes (posterior mean, 95% interval; margin {svc['margin']:g}). "
+           "Click a column header to sort.</p>"]
+    arm_rows = [[a, n, _rate(w, n)] for a, n, w in svc["arms"]]
+    if arm_rows:
+        out.append("<h3>Arms</h3>" + _table(["arm", "episodes", "success"], arm_rows, True, "service-arms"))
+    rows = []
+    for s in svc["skills"]:
+        lift = s["lift"]
+        cells: list[Any] = ["", "", ""] if lift is None else [
+            ("raw", _delta_cell(lift.mean)[1]), ("key", lift.lo, f"[{lift.lo:+.3f}, {lift.hi:+.3f}]"), lift.p_better]
+        rows.append([s["id"], _clip(s["name"], 120), s["status"], s["uses"], _rate(s["wins"], s["uses"]),
+                     s["ctrl_uses"], _rate(s["ctrl_wins"], s["ctrl_uses"]), *cells, _clip(s["reason"]),
+                     _clip(s["source"] or "", 120)])
+    heads = ["id", "name", "status", "uses", "success", "control episodes", "control success", "lift", "lift 95% interval",
+             "P(better)", "why (last change)", "source task"]
+    out.append("<h3>Skills</h3>" + (_table(heads, rows, True, "service-skills") if rows else
+                                    '<p class="note">No skill has entered the lifecycle yet.</p>'))
+    vrows = [[v, _when(at), _clip(actor, 80), _clip(reason), n] for v, at, actor, reason, n in svc["versions"]]
+    out.append("<h3>Library versions</h3><p>Each change is a new version; `rollback` restores any of them exactly.</p>"
+               + _table(["version", "at", "actor", "reason", "skills"], vrows, True, "service-versions"))
+    arows = [[i, _when(at), _clip(actor, 80), action, "" if sid is None else sid, "" if ver is None else ver,
+              _clip(reason), _clip(detail)] for i, at, actor, action, sid, ver, reason, detail in svc["audit"]]
+    out.append("<h3>Audit log</h3>" + (_table(["#", "at", "actor", "action", "skill", "version", "reason", "detail"],
+                                              arows, True, "service-audit") if arows else
+                                       '<p class="note">The audit log is empty.</p>'))
+    return "".join(out)
+
+
 def _episode_html(ep: dict, title: str) -> str:
     won = bool(ep.get("won"))
     parts = [f"<h4>{esc(title)}: <span class='{'won' if won else 'lost'}'>{'won' if won else 'lost'}</span> "
@@ -427,21 +532,29 @@ def _trajectories_section(data: dict) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Render RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png; returns the HTML path."""
+    """Render RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png; returns the HTML path.
+
+    RUN_DIR may also be a served library's SQLite file (`evolving-rl serve --library X`): the
+    report is then written next to it and shows that library, whatever its file name."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"run dir {run_dir}: not a directory")
+    lib = run_dir / "skills.sqlite"
+    if run_dir.is_file():
+        run_dir, lib = run_dir.parent, run_dir
+    elif not run_dir.is_dir():
+        raise ValueError(f"run dir {run_dir}: not a directory (nor a served skill library file)")
     out, plots = run_dir / "report.html", run_dir / "plots"
     if out.is_dir():  # outputs are checked before anything is written
         raise ValueError(f"{out} is a directory; move it away so the report can be written there")
     if plots.exists() and not plots.is_dir():
         raise ValueError(f"{plots} is a file; move it away so the plots can be written there")
-    data = _load(run_dir)
+    data = _load(run_dir, lib)
     body = [
         _header(run_dir, data),
         "<h2>Learning curves</h2>", _plots_section(data, run_dir / "plots"),
         "<h2>Evaluation</h2>", _eval_section(data["evals"]),
         "<h2>Skill library</h2>", _skills_section(data["skills"]),
+        *(["<h2>Service: lifecycle, lift over the control, versions, audit log</h2>", _service_section(data["service"])]
+          if data["skills"] is not None else []),
         "<h2>Trajectories: with skill vs without</h2>", _trajectories_section(data),
     ]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Report: {esc(run_dir.resolve().name)}"
