@@ -531,6 +531,17 @@ def _trajectories_section(data: dict) -> str:
     return "".join(out)
 
 
+def _require_library(path: Path) -> None:
+    from evolving_rl.skills.library import SkillLibrary
+
+    try:
+        with SkillLibrary(path, mode="read"):
+            pass
+    except Exception as e:  # not SQLite, not a library, unreadable: all the same answer
+        raise ValueError(f"{path}: not a run directory nor a skill library file ({e}); give a run directory or the "
+                         "served library's .sqlite file") from None
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Render RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png; returns the HTML path.
 
@@ -539,6 +550,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     lib = run_dir / "skills.sqlite"
     if run_dir.is_file():
+        _require_library(run_dir)  # a mistyped argument gets an error, not a report about nothing
         run_dir, lib = run_dir.parent, run_dir
     elif not run_dir.is_dir():
         raise ValueError(f"run dir {run_dir}: not a directory (nor a served skill library file)")

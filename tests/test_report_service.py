@@ -198,3 +198,10 @@ def test_browser_renders_and_sorts(served, tmp_path):
     assert order("#sort=service-skills:7:desc") == [1, 3, 2]
     assert order("#sort=service-skills:2") == [1, 3, 2]  # status as text: promoted, quarantined, retired
     assert order("#sort=service-audit:0", "service-audit") == sorted(order("", "service-audit"))
+
+
+def test_a_file_that_is_not_a_library_is_refused(tmp_path):
+    (tmp_path / "notes.sqlite").write_text("not sqlite")
+    with pytest.raises(ValueError, match="notes.sqlite: not a run directory nor a skill library file"):
+        write_report(tmp_path / "notes.sqlite")
+    assert not (tmp_path / "report.html").exists() and (tmp_path / "notes.sqlite").read_text() == "not sqlite"
