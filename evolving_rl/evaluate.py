@@ -5,7 +5,6 @@ success per split and task type with Wilson 95% intervals.
 from __future__ import annotations
 
 import json
-import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,47 +148,30 @@ def run_one_shot(rollout: Rollout, policy, split: str, tasks: list[Task], index,
 
 
 def run_library(rollout: Rollout, policy, split: str, tasks: list[Task], library, embedder, sampling: SamplingConfig,
-                extract_sampling: SamplingConfig, *, top_m: int, wave: int, seed: int, model_name: str,
+                extract_sampling: SamplingConfig, *, evolve, wave: int, seed: int, model_name: str,
                 min_chars: int, max_chars: int, max_trajectory_chars: int, learn: bool = True,
                 progress=None) -> tuple[SplitResult, list[dict]]:
-    """Test-time self-evolution over a seeded task stream with a persistent skill library.
+    """Test-time self-evolution over a seeded task stream with a persistent skill library, on
+    the deployment's engine (`serve.evolver.SkillEvolver`, configured by `evolve`), so the
+    numbers evaluation reports are the ones the service would produce.
 
-    For each task: retrieve the top-m live skills for its description, play with them, extract
-    a skill from what just happened and keep it (the library merges near-duplicates and keeps
-    usage statistics). The stream is played in waves of `wave` tasks so each wave is one
-    batched rollout; a task sees every skill from earlier waves. `learn=False` freezes the
-    library (skill transfer: policy B uses the library policy A built).
+    Each episode plays one arm: no skill (no live skill matches, or the no-skill control share),
+    a quarantined skill on trial, or a promoted one; one skill per episode, so each outcome is
+    attributed to it. What the wave played is extracted into new quarantined skills, and the
+    guardrail promotes or retires skills against their control as outcomes arrive. `learn=False`
+    freezes the library (skill transfer: policy B uses the library policy A built).
+    Returns the result and one log row per episode (position, task, won, arm, skills_used,
+    skill_added: the admitted skill's id or None, status_changes).
     """
-    import numpy as np
+    from evolving_rl.serve.evolver import SkillEvolver, evolve_stream
 
-    order = list(range(len(tasks)))
-    random.Random(seed).shuffle(order)
-    stream = [tasks[i] for i in order]
+    ev = SkillEvolver(library, evolve, min_chars=min_chars, max_chars=max_chars)
+    eps, log = evolve_stream(ev, rollout, policy, embedder, tasks, sampling, extract_sampling, wave=wave, seed=seed,
+                             model_name=model_name, max_trajectory_chars=max_trajectory_chars, learn=learn,
+                             progress=progress)
     res = SplitResult(split, "library")
-    log: list[dict] = []
-    vecs = embedder.embed([t.description for t in stream])
-    for start in range(0, len(stream), wave):
-        chunk = stream[start : start + wave]
-        picked = [library.retrieve(vecs[start + i], top_m) for i in range(len(chunk))]
-        cards = ["\n\n".join(r.card for r in recs) or None for recs in picked]
-        eps = rollout.run([Job(t, c) for t, c in zip(chunk, cards)], sampling, seed=seed * 43 + start)
-        for recs, ep in zip(picked, eps):
-            for r in recs:
-                if not ep.failed:
-                    library.record_use(r.id, bool(ep.won))
-        cands = extract_skills(policy, eps, 1, extract_sampling, min_chars=min_chars, max_chars=max_chars,
-                               seed=seed * 47 + start, max_trajectory_chars=max_trajectory_chars) if learn else []
-        for i, (t, ep, recs) in enumerate(zip(chunk, eps, picked)):
-            res.add(ep)
-            c = cands[i] if cands else None
-            if c is not None and c.valid and not ep.failed:
-                library.add(c.skill, c.card, np.asarray(vecs[start + i]),
-                            {"source_task_id": t.id, "model": model_name, "stream_position": start + i,
-                             "success": bool(ep.won)})
-            log.append({"position": start + i, "task": t.id, "won": ep.won, "skills_used": [r.id for r in recs],
-                        "skill_added": bool(c is not None and c.valid)})
-        if progress:
-            progress(min(start + wave, len(stream)), len(stream))
+    for ep in eps:
+        res.add(ep)
     return res, log
 
 
@@ -270,19 +252,16 @@ class Evaluator:
                 else:
                     lib = self.library_copy(tag, split)
                     r, log = run_library(self.rollout, self.policy, split, tasks, lib, self.embedder(), sampling, extract,
-                                         top_m=cfg.eval.library_top_m, wave=cfg.eval.library_wave, seed=cfg.eval.seed,
+                                         evolve=cfg.evolve, wave=cfg.eval.library_wave, seed=cfg.eval.seed,
                                          model_name=cfg.model.path, learn=learn, **lim)
-                    retired = []
-                    if learn:  # the guardrail: retire skills whose use does worse than playing without one
-                        base = next((x.overall.success for x in results if x.split == split and x.protocol == "no_skill"),
-                                    r.overall.success)  # without a no_skill run here: the stream's own rate
-                        retired = lib.auto_retire(cfg.library.retire_min_uses, base, cfg.library.retire_margin)
+                    # The guardrail retired these against their own no-skill control during the stream.
+                    retired = [c["skill_id"] for row in log for c in row["status_changes"] if c["status"] == "retired"]
                     lib.close()
                     extras[f"library_stream_{split}"] = {"log": log, "rolling_success": stream_curve(log),
                                                          "retired": retired, "library": lib.path.name,
                                                          "started_from": str(self.bank) if self.bank else None}
                     for ep, entry in zip(r.episodes, log):
-                        records.append(episode_record(ep, proto, 0, {"position": entry["position"],
+                        records.append(episode_record(ep, proto, 0, {"position": entry["position"], "arm": entry["arm"],
                                                                      "skills_used": entry["skills_used"]}))
                 results.append(r)
         # Engine workers that crashed or hung were retried by the pool: say how often, next to the numbers.

@@ -78,20 +78,29 @@ def test_library_protocol_and_transfer_to_a_second_model(games_dir, second_model
     from evolving_rl.evaluate import evaluate_checkpoint
 
     before = sqlite3.connect(library_a).execute("select sum(uses) from skills").fetchone()[0]
-    cfg = make_config(games_dir, second_model, tmp_path, "eval.splits=[eval_seen]", "eval.library_wave=1")
+    # The protocol runs the service's engine: no control share and every skill matching, so
+    # each episode tries one of A's skills (adopted quarantined, hence the `trial` arm).
+    cfg = make_config(games_dir, second_model, tmp_path, "eval.splits=[eval_seen]", "eval.library_wave=1",
+                      "evolve.control_share=0", "evolve.min_similarity=-1")
     results = evaluate_checkpoint(cfg, str(second_model), tmp_path, tag="transfer", skills=str(library_a))
     assert [r.protocol for r in results] == ["library"]
     rows = [json.loads(x) for x in (tmp_path / "eval" / "transfer_episodes.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skill_card"] for r in rows)  # policy B played with A's skills
+    assert [r["skill_meta"]["arm"] for r in rows] == ["trial", "trial"]
     payload = json.loads((tmp_path / "eval" / "transfer.json").read_text())
     stream = payload["library_stream_eval_seen"]["log"]
-    assert sorted(x["position"] for x in stream) == [0, 1] and all(x["skills_used"] for x in stream)
-    # usage was recorded in B's copy; A's library file is untouched
+    assert sorted(x["position"] for x in stream) == [0, 1] and all(len(x["skills_used"]) == 1 for x in stream)
+    assert [x["skill_added"] for x in stream] == [None, None]  # frozen: nothing extracted
+    # usage was recorded in B's copy, per skill and in the lifecycle; A's library file is untouched
     from evolving_rl.skills.library import SkillLibrary
 
-    copy = SkillLibrary(tmp_path / "eval" / "transfer_eval_seen_skills.sqlite")
+    copy_path = tmp_path / "eval" / "transfer_eval_seen_skills.sqlite"
+    copy = SkillLibrary(copy_path)
     assert sum(r.uses for r in copy.list()) == 2
+    assert sqlite3.connect(copy_path).execute("select sum(uses) from skill_lifecycle").fetchone()[0] == 2
     assert sqlite3.connect(library_a).execute("select sum(uses) from skills").fetchone()[0] == before
+    assert not sqlite3.connect(library_a).execute(
+        "select 1 from sqlite_master where name='skill_lifecycle'").fetchall()  # no lifecycle tables in A's file
     # the stream order is seeded: the same seed gives the same order
     again = evaluate_checkpoint(cfg, str(second_model), tmp_path / "again", tag="transfer", skills=str(library_a))
     log2 = json.loads((tmp_path / "again" / "eval" / "transfer.json").read_text())["library_stream_eval_seen"]["log"]
