@@ -17,12 +17,21 @@ def build_suite(cfg):
     return make_suite(cfg.env.name, env_options(cfg))
 
 
-def build_policy(cfg, *, path: str | None = None, device=None, generation: bool = True):
+def build_policy(cfg, *, path: str | None = None, device=None, generation: bool = True, training: bool = False):
     """The trainable policy from `model` (or from `path`, e.g. a checkpoint's model directory).
-    `generation=False`: a policy that only scores (a reference), never a second vLLM engine."""
+    `generation=False`: a policy that only scores (a reference), never a second vLLM engine.
+    `training=True` (train, SFT): refuses `model.backend: openai`, whose weights are on a server."""
     from evolving_rl.policy.hf import HFPolicy
 
     model = cfg.model if path is None else cfg.model.model_copy(update={"path": str(path)})
+    if model.backend == "openai":
+        if training:
+            from evolving_rl.policy.openai_policy import refuse_training
+
+            refuse_training(cfg)
+        from evolving_rl.policy.openai_policy import OpenAIPolicy
+
+        return OpenAIPolicy(model)
     cls = HFPolicy
     if model.backend == "vllm" and generation:
         from evolving_rl.policy.vllm_policy import VLLMPolicy

@@ -74,11 +74,25 @@ class ModelConfig(_Strict):
     """The policy: one LLM that is both extractor and solver (the paper: Qwen2.5-7B-Instruct)."""
 
     path: str = Field("checkpoints/tiny-alfworld-sft", description="Any Hugging Face causal-LM directory.")
-    backend: Literal["hf", "vllm"] = Field(
+    backend: Literal["hf", "vllm", "openai"] = Field(
         "hf",
-        description="Generation engine for rollouts and extraction: our transformers decode loop, or vLLM "
-        "in-process (its own venv: scripts/vllm_venv.sh); training always runs in transformers.",
+        description="Generation engine for rollouts and extraction: our transformers decode loop, vLLM "
+        "in-process (its own venv: scripts/vllm_venv.sh), or `openai`: any OpenAI-compatible server at "
+        "`base_url` (inference only: eval, serve, evolve); training always runs in transformers.",
     )
+    base_url: str | None = Field(None, description="backend openai: the server's API root, e.g. "
+                                 "http://127.0.0.1:8000/v1; `path` then holds a local copy of its tokenizer.")
+    served_model: str | None = Field(None, description="backend openai: the model name the server serves "
+                                     "(default: `path` as given).")
+    api_key_env: str | None = Field(None, description="backend openai: name of the environment variable holding "
+                                    "the API key (never the key itself: configs get committed).")
+    request_timeout_s: float = Field(120.0, gt=0, description="backend openai: seconds per HTTP request.")
+    max_retries: int = Field(3, ge=0, description="backend openai: retries (exponential backoff) on connection "
+                             "errors, 429 and 5xx.")
+    retry_backoff_s: float = Field(1.0, ge=0, description="backend openai: first retry delay; doubles each retry.")
+    max_concurrency: int = Field(16, ge=1, description="backend openai: most requests in flight at once.")
+    max_context_tokens: int | None = Field(None, ge=128, description="backend openai: the served model's context "
+                                           "size (default: the tokenizer's model_max_length, else 4096).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Dtype of the loaded weights; trainable weights must be float32 (see autocast).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")

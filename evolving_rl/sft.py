@@ -290,7 +290,7 @@ def run_sft(cfg, out: Path, *, skills: bool, bf16: bool, console=None) -> dict:
     eval_tasks = {s: cap_tasks(suite.tasks(s), cfg.eval.max_tasks) for s in cfg.eval.splits}
     demo_tasks = [Task.from_dict(d["task"]) for d in demos]
     check_no_overlap(demo_tasks, eval_tasks, "SFT demonstrations")
-    policy = build_policy(cfg)
+    policy = build_policy(cfg, training=True)
     examples = build_examples(policy, demos, cfg.rollout, cfg.env.max_steps, skills=skills, seed=cfg.seed,
                               skill_use_fraction=cfg.sft.skill_use_fraction,
                               max_extractor_examples=cfg.sft.max_extractor_examples,

@@ -130,7 +130,7 @@ class Trainer:
         # LoRA resumes from the base weights plus the saved adapter (trainer.pt), not from the
         # merged model: fresh adapters on merged weights would not match the optimizer state.
         model_path = str(latest / "model") if latest and not cfg.model.lora.enabled else None
-        self.policy = build_policy(cfg, path=model_path, device=self.accelerator.device)
+        self.policy = build_policy(cfg, path=model_path, device=self.accelerator.device, training=True)
         if warn := prompt_mismatch(cfg, cfg.model.path):
             self.print(f"warning: {warn}")
         # The KL anchor is the *initial* policy, also after a resume.

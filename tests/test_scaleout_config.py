@@ -38,7 +38,7 @@ def test_env_pool_ray_builds_the_ray_pool_with_the_configured_actors():
 def test_unknown_pool_and_backend_names_are_refused():
     with pytest.raises(Exception, match="env.pool: given 'slurm'; allowed: 'process' or 'ray'"):
         load_config(None, ["env.pool=slurm"])
-    with pytest.raises(Exception, match="model.backend: given 'sglang'; allowed: 'hf' or 'vllm'"):
+    with pytest.raises(Exception, match="model.backend: given 'sglang'; allowed: 'hf', 'vllm' or 'openai'"):
         load_config(None, ["model.backend=sglang"])
 
 
