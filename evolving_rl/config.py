@@ -181,7 +181,7 @@ class EvalConfig(_Strict):
         default_factory=lambda: ["train", "train_unseen"],
         description="one_shot: where the similar task is retrieved from; never holds a test task.",
     )
-    library_top_m: int = Field(1, ge=1, description="library: skills retrieved per task.")
+    library_top_m: int = Field(1, ge=1, description="Unused since the library protocol runs the guardrail lifecycle (one skill per episode, evolve.*); kept so older configs load.")
     library_wave: int = Field(8, ge=1, description="library: stream tasks played per batched wave.")
 
 
@@ -295,8 +295,8 @@ class LibraryConfig(_Strict):
     persist_top: int = Field(0, ge=0, description="Training: keep up to this many best candidate skills per source (reward > 0); a near-duplicate "
                              "replaces a stored skill only with a higher measured utility.")
     dedup_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity above which skills merge.")
-    retire_min_uses: int = Field(5, ge=1, description="library protocol: uses before a skill can be retired.")
-    retire_margin: float = Field(0.0, description="Retire when success-with-skill < baseline - margin.")
+    retire_min_uses: int = Field(5, ge=1, description="Unused since the library protocol runs the guardrail lifecycle (evolve.min_uses); kept so older configs load.")
+    retire_margin: float = Field(0.0, description="Unused since the library protocol runs the guardrail lifecycle (evolve.margin); kept so older configs load.")
 
 
 class EvolveConfig(_Strict):
