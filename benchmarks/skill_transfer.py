@@ -120,7 +120,8 @@ def make_data(args, cfg) -> Path:
         for style, share in (("straight", 0.0), ("explored", 1.0)):
             path = games / f"demos_{split}_{style}.jsonl"
             stats[f"{split}_{style}"] = twc.write_demos(suite.tasks(split), path, explore_fraction=share, seed=cfg.seed,
-                                                        max_steps=cfg.env.max_steps)
+                                                        max_steps=cfg.env.max_steps, wrong_tries=args.wrong_tries,
+                                                        tried=cfg.env.options.get("tried", False))
             demos[split, style] = [d for d in load_demos([str(path)]) if d["won"]]
             twc.check_kinds_disjoint(demos[split, style], held_out, f"the warm-start demos ({path})")
     say(f"demos: {stats} in {time.perf_counter() - t0:.1f}s")
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", help="clone: continue from this checkpoint instead of the untrained model")
     ap.add_argument("--train-sample", type=int, default=2000, help="clone --start: train-game examples kept beside all dev ones")
     ap.add_argument("--dev-extract", type=int, default=400, help="clone --start: dev extraction examples kept")
+    ap.add_argument("--wrong-tries", type=int, default=1,
+                    help="data: an exploring demo makes 1..N different wrong placements before the right one")
     ap.add_argument("--rebuild", action="store_true", help="data: a new tokenizer and untrained model even if <out>-init exists")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)

@@ -168,3 +168,42 @@ def test_rl_fold_dev_trains_on_objects_the_warm_start_never_placed():
         s.close()
     with pytest.raises(ValueError, match="rl_fold: 'train' or 'dev', got 'test'"):
         twc.TWCSuite({"rl_fold": "test"})
+
+
+def test_tried_option_lists_this_episodes_placements_and_exploring_demos_try_several_places(suite, tmp_path):
+    # Without the memory a greedy solver, seeing two turns back, repeated its first wrong try.
+    task = suite.tasks("eval_unseen")[0]
+    obj, place = twc.task_object(task), dict(task.meta)["receptacle"]
+    for tried in (False, True):
+        env = twc.TWCEnv({"max_steps": 12, "tried": tried})
+        try:
+            env.reset(task)
+            r = env.step(f"take {obj}")
+            assert "Tried:" not in r.observation
+            wrong = next(a for a in r.admissible if a.startswith("put ") and not a.endswith(f" in {place}"))
+            env.step(wrong)
+            r = env.step(f"take {obj}")
+            memory = f"Tried: {wrong} (score went down)."
+            assert r.observation.endswith(memory) if tried else "Tried:" not in r.observation
+        finally:
+            env.close()
+    with pytest.raises(ValueError, match="twc option tried: expected true or false, got 'yes'"):
+        twc.TWCEnv({"tried": "yes"})
+    env = twc.TWCEnv({"max_steps": 12, "prune_tried": True})  # the other memory: a proven-wrong place is no longer offered
+    try:
+        env.reset(task)
+        r = env.step(f"take {obj}")
+        env.step(wrong)
+        r = env.step(f"take {obj}")
+        assert wrong not in r.admissible and f"put {obj} in {place}" in r.admissible and "Tried:" not in r.observation
+    finally:
+        env.close()
+    path = tmp_path / "demos.jsonl"
+    stats = twc.write_demos(suite.tasks("train")[:12], path, explore_fraction=1.0, wrong_tries=3, tried=True)
+    demos = [json.loads(line) for line in path.read_text().splitlines()]
+    assert stats["won"] == 12 and stats["explored"] == 12
+    wrong_puts = [[a for a in (s["action"] for s in d["steps"]) if a.startswith("put ")][:-1] for d in demos]
+    assert all(len(set(w)) == len(w) >= 1 for w in wrong_puts)  # never the same wrong place twice
+    assert max(map(len, wrong_puts)) >= 2  # several tries, not only one
+    last = demos[0]["steps"][-1]["observation"]
+    assert last.count("(score went down)") == len(wrong_puts[0])

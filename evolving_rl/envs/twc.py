@@ -32,7 +32,13 @@ same for every game and retrieval keys on the description.
 
 Observations say how the score moved after each action ("Your score went up."): the engine
 prints nothing, and without it neither the solver nor the extractor could tell a right
-placement from a wrong one.
+placement from a wrong one. With the option `tried` (off by default) every observation also
+lists this episode's placements and what the score said ("Tried: put X in Y (score went
+down)."): the per-step prompt shows only the last two turns, so a greedy solver that forgot
+its first wrong try repeated it, and an experience episode revealed a place almost only where
+the first guess was already right. `prune_tried` (off by default) instead drops the
+placements the score proved wrong from the admissible actions, a memory the solver need not
+learn to read.
 """
 
 from __future__ import annotations
@@ -76,12 +82,18 @@ class TWCEnv(TWXEnv):
         super().__init__({k: v for k, v in options.items() if k != "twc_params"})
         self._budget = self.max_steps
         self._score = 0.0
+        self.show_tried, self.prune_tried = options.get("tried", False), options.get("prune_tried", False)
+        for key, v in (("tried", self.show_tried), ("prune_tried", self.prune_tried)):
+            if not isinstance(v, bool):
+                raise ValueError(f"twc option {key}: expected true or false, got {v!r}")
+        self._tried: list[str] = []
 
     def reset(self, task: Task) -> StepResult:
         if not task.locator.startswith("twc/"):
             raise EnvError(f"twc task {task.id!r}: locator {task.locator!r} is not 'twc/fold/seed'")
         self._budget = min(self.max_steps, int(dict(task.meta).get("budget", self.max_steps)))
         self._score = 0.0
+        self._tried = []
         r = super().reset(task)
         self.description = task.description or self.description  # the suite's names the object
         return r
@@ -90,8 +102,16 @@ class TWCEnv(TWXEnv):
         r = super()._result(observation)
         moved = "" if r.score == self._score else (SCORE_UP if r.score > self._score else SCORE_DOWN)
         self._score = r.score
+        last = self._actions[-1] if self._actions else ""
+        if moved and _PUT_RE.match(last):
+            self._tried.append(f"{last} (score went {'up' if moved == SCORE_UP else 'down'})")
+        memory = f" Tried: {'; '.join(self._tried)}." if self.show_tried and self._tried else ""
+        admissible = r.admissible
+        if self.prune_tried and admissible:  # a placement the score proved wrong cannot be repeated
+            wrong = {t.rsplit(" (", 1)[0] for t in self._tried if t.endswith("(score went down)")}
+            admissible = [a for a in admissible if a not in wrong]
         done = r.done or len(self._actions) >= self._budget
-        return replace(r, observation=f"{observation.strip()} {moved}".strip(), done=done,
+        return replace(r, observation=f"{observation.strip()} {moved}".strip() + memory, done=done, admissible=admissible,
                        info={**r.info, "budget": self._budget})
 
     def expert_action(self) -> str | None:
@@ -122,13 +142,13 @@ class TWCSuite:
 
     env_name = "twc"
 
-    OPTIONS = ("train_games", "dev_games", "eval_games", "pool_games", "budget", "rl_fold", "twc_params",
+    OPTIONS = ("train_games", "dev_games", "eval_games", "pool_games", "budget", "rl_fold", "tried", "prune_tried", "twc_params",
                "games_dir", "max_steps", "seed", "expert")  # the last four: every engine's run options
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         options = dict(options or {})
         if unknown := sorted(set(options) - set(self.OPTIONS)):  # a misspelt budget would silently be 5
-            raise ValueError(f"twc: unknown env.options {unknown}; allowed: {', '.join(self.OPTIONS[:6])}")
+            raise ValueError(f"twc: unknown env.options {unknown}; allowed: {', '.join(self.OPTIONS[:8])}")
         self.train_games = _int_option(options, "train_games", 600, 1, 800)
         self.dev_games = _int_option(options, "dev_games", 600, 0, 1000)
         self.eval_games = _int_option(options, "eval_games", 40, 1, 100)
@@ -261,12 +281,13 @@ def skill_from_demo(demo: dict) -> dict:
 
 
 def write_demos(tasks: list[Task], out_path: str | Path, *, explore_fraction: float = 0.5, seed: int = 0,
-                max_steps: int = 12) -> dict:
-    """Expert demos of `tasks`; a share of them first puts the object in a wrong receptacle
-    (the score goes down), takes it back and then puts it right: what a solver without the
-    fact must do, and what makes an experience episode reveal it."""
+                max_steps: int = 12, wrong_tries: int = 1, tried: bool = False) -> dict:
+    """Expert demos of `tasks`; a share of them first puts the object in 1..`wrong_tries`
+    different wrong receptacles (the score goes down each time, the object is taken back) and
+    then puts it right: what a solver without the fact must do, and what makes an experience
+    episode reveal it. `tried`: the env option of that name (observations list the tries)."""
     rng = random.Random(seed)
-    env = TWCEnv({"max_steps": max_steps, "expert": True})
+    env = TWCEnv({"max_steps": max_steps, "expert": True, "tried": tried})
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = {"demos": 0, "won": 0, "explored": 0}
@@ -284,13 +305,17 @@ def write_demos(tasks: list[Task], out_path: str | Path, *, explore_fraction: fl
                     if explore and a.startswith("put "):
                         wrong = [x for x in r.admissible if x.startswith("put ") and x != a]
                         if wrong:
-                            w = rng.choice(wrong)
-                            obj = _PUT_RE.match(w).group(1)
-                            for act in (w, f"take {obj}"):
-                                steps.append({"observation": r.observation, "admissible": r.admissible, "action": act})
-                                r = env.step(act)
+                            before = len(env._actions)
+                            # one wrong try draws as it always did, so the shipped demos stay reproducible
+                            tries = [rng.choice(wrong)] if wrong_tries == 1 else \
+                                rng.sample(wrong, min(len(wrong), rng.randint(1, wrong_tries)))
+                            for w in tries:
+                                obj = _PUT_RE.match(w).group(1)
+                                for act in (w, f"take {obj}"):
+                                    steps.append({"observation": r.observation, "admissible": r.admissible, "action": act})
+                                    r = env.step(act)
                             stats["explored"] += 1
-                            env._gold = env._actions + env._gold[len(env._actions) - 2:]  # the expert resumes its path
+                            env._gold = env._actions + env._gold[before:]  # the expert resumes its path
                         explore = False
                         continue
                     steps.append({"observation": r.observation, "admissible": r.admissible, "action": a})
