@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evolving_rl.common import snapshot_sqlite
 from evolving_rl.config import load_config
 from evolving_rl.report import write_report
 from evolving_rl.serve.evolver import Decision, SkillEvolver
@@ -148,7 +149,7 @@ def test_service_view_tables_and_escaping(served):
 def test_report_on_a_served_library_file(served, tmp_path):
     """`evolving-rl report served.sqlite`: any file name, the report next to it, the file untouched."""
     lib = tmp_path / "deploy.sqlite"
-    shutil.copy(served / "skills.sqlite", lib)
+    snapshot_sqlite(served / "skills.sqlite", lib)  # a plain copy can miss pages still in the -wal file
     before = lib.read_bytes()
     out = write_report(lib)
     assert out == tmp_path / "report.html" and lib.read_bytes() == before
