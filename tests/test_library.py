@@ -177,20 +177,6 @@ def test_retrieval_ranks_and_skips_retired(new_lib):
         lib.retrieve(np.ones(DIM + 1), 1)
 
 
-def test_auto_retire_is_a_guardrail(new_lib):
-    lib = open_library(new_lib())
-    bad, good, young = (add(lib, n, vec(20 + i)) for i, n in enumerate(["bad", "good", "young"]))
-    for i in range(6):
-        lib.record_use(bad, i == 0)  # 1/6
-        lib.record_use(good, i != 0)  # 5/6
-    lib.record_use(young, False)  # 0/1: too few uses to judge
-    assert lib.auto_retire(min_uses=5, baseline_success=0.5, margin=0.1) == [bad]
-    rec = lib.get(bad)
-    assert rec.retired and "1/6" in rec.retired_reason and "baseline 0.500" in rec.retired_reason
-    assert {r.id for r in lib.retrieve(vec(20), m=3)} == {good, young}
-    assert lib.auto_retire(min_uses=5, baseline_success=0.5, margin=0.1) == []  # idempotent
-
-
 def test_jsonl_round_trip_is_exact(new_lib, tmp_path):
     lib = open_library(new_lib())
     a = add(lib, "a", vec(30))

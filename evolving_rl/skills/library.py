@@ -3,7 +3,7 @@ how well they did when used (issue 5).
 
 SQLite (stdlib) in WAL mode, so readers never block and several writer processes (eval
 workers, a trainer) can share one file: every write is one short transaction, and
-read-modify-write operations (`add` with merging, `auto_retire`) take the write lock up
+read-modify-write operations (`add` with merging) take the write lock up
 front with `BEGIN IMMEDIATE` so two processes cannot both decide to merge into, or create,
 the same skill. A connection is opened per process (a forked child reconnects).
 
@@ -391,21 +391,6 @@ class SkillLibrary:
             )
             if cur.rowcount == 0:
                 raise KeyError(f"skill {skill_id} is not in the library {self.path}")
-
-    def auto_retire(self, min_uses: int, baseline_success: float, margin: float = 0.0) -> list[int]:
-        """Retire live skills used >= min_uses times whose success when used is below
-        baseline - margin (the baseline: success without skill on the same stream)."""
-        bar = baseline_success - margin
-        with self._write() as db:
-            rows = db.execute(
-                "SELECT id, uses, successes FROM skills WHERE retired=0 AND uses>=? ORDER BY id", (int(min_uses),)
-            ).fetchall()
-            hit = [(i, u, s) for i, u, s in rows if s / u < bar]
-            now = time.time()
-            for i, u, s in hit:
-                reason = f"auto: success when used {s}/{u}={s / u:.3f} < baseline {baseline_success:.3f} - margin {margin:.3f}"
-                db.execute("UPDATE skills SET retired=1, retired_reason=?, updated_at=? WHERE id=?", (reason, now, i))
-        return [i for i, _, _ in hit]
 
     # -- JSONL ------------------------------------------------------------------------
 
