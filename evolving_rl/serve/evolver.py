@@ -18,10 +18,19 @@ change (add, promote, retire, restore, rollback, import) is one row of an append
 audit log (who, why, the numbers) and one new library **version** holding a full snapshot, so a
 rollback restores any earlier version exactly (as a new version: history is never rewritten).
 
-Everything lives in the skill library's own SQLite file, in tables created here, so one file
+Everything lives in the skill library's own database, in tables created here, so the library
 is the deployment's whole state: ended episodes wait in a durable queue there until the
 extractor has turned them into skills (a kill -9 loses nothing; the worker picks them up
 after a restart).
+
+On SQLite that is one file for one `serve` process. On PostgreSQL (`open_library` on a
+`postgresql://` URL) several replicas share it: every change is one transaction under the
+library's writers' lock, so versions are numbered without gaps or duplicates in commit order
+and no counted outcome or audit row is lost; an extraction worker holds a session-level
+advisory lock on the queued episode it works on, so replicas never extract one episode twice
+and a replica killed mid-extraction frees it for the others at once; admission (near-duplicate
+check, capacity, insert) holds one more, so two replicas cannot both store the same skill.
+The lifecycle tables there are versioned migrations (`LIFECYCLE_MIGRATIONS`).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import json
 import random
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +49,7 @@ import numpy as np
 
 from evolving_rl.serve.guardrails import decide, hostile_markup, lift_posterior
 from evolving_rl.skills.library import _COLUMNS, SkillLibrary
+from evolving_rl.skills.pg_library import PgSkillLibrary, open_library
 
 STATUSES = ("quarantined", "promoted", "retired")
 
@@ -87,6 +99,62 @@ CREATE TABLE IF NOT EXISTS episode_queue (
 CREATE INDEX IF NOT EXISTS episode_queue_state ON episode_queue(state, id);
 """
 
+# The same tables on PostgreSQL: 64-bit counts, double-precision wins and times (its REAL is
+# 32-bit), identity ids, and the append-only rule as a trigger function. LIFECYCLE_MIGRATIONS[v]
+# takes the tables from version v-1 to v (meta key `lifecycle_schema_version`).
+LIFECYCLE_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE skill_lifecycle (
+            skill_id BIGINT PRIMARY KEY,
+            status TEXT NOT NULL,
+            uses BIGINT NOT NULL DEFAULT 0,
+            wins DOUBLE PRECISION NOT NULL DEFAULT 0,
+            ctrl_uses BIGINT NOT NULL DEFAULT 0,
+            ctrl_wins DOUBLE PRECISION NOT NULL DEFAULT 0,
+            reason TEXT NOT NULL DEFAULT '',
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE skill_audit_log (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at DOUBLE PRECISION NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            skill_id BIGINT,
+            library_version BIGINT,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}'
+        )""",
+        """CREATE FUNCTION skill_audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'skill_audit_log is append-only'; END $$""",
+        """CREATE TRIGGER skill_audit_log_no_change BEFORE UPDATE OR DELETE ON skill_audit_log
+           FOR EACH ROW EXECUTE FUNCTION skill_audit_log_append_only()""",
+        """CREATE TRIGGER skill_audit_log_no_truncate BEFORE TRUNCATE ON skill_audit_log
+           FOR EACH STATEMENT EXECUTE FUNCTION skill_audit_log_append_only()""",
+        """CREATE TABLE library_versions (
+            version BIGINT PRIMARY KEY,
+            at DOUBLE PRECISION NOT NULL,
+            actor TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            skills BIGINT NOT NULL,
+            snapshot BYTEA NOT NULL
+        )""",
+        "CREATE TABLE arm_stats (arm TEXT PRIMARY KEY, episodes BIGINT NOT NULL, wins DOUBLE PRECISION NOT NULL)",
+        """CREATE TABLE episode_queue (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            created_at DOUBLE PRECISION NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts BIGINT NOT NULL DEFAULT 0,
+            result TEXT,
+            done_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX episode_queue_state ON episode_queue (state, id)",
+    ],
+}
+# Advisory-lock keys (class, object) on PostgreSQL: one queued episode's extraction; admission.
+_QUEUE_LOCK = 0x5E1F
+_ADMIT_LOCK = (0x5E20, 0)
+
 _LIFE_COLS = "skill_id, status, uses, wins, ctrl_uses, ctrl_wins, reason, updated_at"
 
 
@@ -124,14 +192,19 @@ class SkillEvolver:
     """
 
     def __init__(self, library: SkillLibrary | str | Path, cfg, *, min_chars: int = 40, max_chars: int = 4000):
-        self.library = library if isinstance(library, SkillLibrary) else SkillLibrary(library)
+        self.library = library if isinstance(library, SkillLibrary) else open_library(library)
         self.cfg = cfg
         self.min_chars, self.max_chars = min_chars, max_chars
         self.rng = random.Random(cfg.seed)
+        self.pg = isinstance(self.library, PgSkillLibrary)
+        self._held: set[int] = set()  # queued episodes this worker holds (claim .. finish_queued)
+        if self.pg:
+            self.library.migrate("lifecycle_schema_version", LIFECYCLE_MIGRATIONS)
         with self.library._write() as db:
-            for stmt in _SCHEMA.split(";\n"):
-                if stmt.strip():
-                    db.execute(stmt)
+            if not self.pg:
+                for stmt in _SCHEMA.split(";\n"):
+                    if stmt.strip():
+                        db.execute(stmt)
             self._adopt(db)
             if db.execute("SELECT COUNT(*) FROM library_versions").fetchone()[0] == 0:
                 self._new_version(db, "system", "initial library")
@@ -139,7 +212,8 @@ class SkillEvolver:
     # -- storage helpers ------------------------------------------------------------------
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        """The library's file, or its PostgreSQL URL without the password."""
         return self.library.path
 
     def _adopt(self, db) -> None:
@@ -159,10 +233,14 @@ class SkillEvolver:
         return zlib.compress(json.dumps({"skills": skills, "lifecycle": life}).encode()), len(skills)
 
     def _new_version(self, db, actor: str, reason: str) -> int:
+        """The next version number, taken under the writers' lock: replicas writing at once get
+        consecutive numbers in commit order, never one twice (an identity column would leave
+        gaps behind failed transactions)."""
         blob, n = self._snapshot(db)
-        cur = db.execute("INSERT INTO library_versions (at, actor, reason, skills, snapshot) VALUES (?, ?, ?, ?, ?)",
-                         (time.time(), actor, reason, n, blob))
-        return int(cur.lastrowid)
+        return int(db.execute(
+            "INSERT INTO library_versions (version, at, actor, reason, skills, snapshot) "
+            "VALUES ((SELECT COALESCE(MAX(version), 0) + 1 FROM library_versions), ?, ?, ?, ?, ?) RETURNING version",
+            (time.time(), actor, reason, n, blob)).fetchone()[0])
 
     def _log(self, db, actor: str, action: str, skill_id: int | None, version: int | None, reason: str,
              detail: dict | None = None) -> None:
@@ -207,17 +285,33 @@ class SkillEvolver:
         reasons = self.check(card)
         if reasons:
             raise SkillRejected("; ".join(reasons))
-        near = self.library.retrieve(embedding, 1)
-        if near and near[0].similarity is not None and near[0].similarity >= self.library.dedup_threshold:
-            return near[0].id
-        if len(self.library) >= self.cfg.max_skills:
-            raise SkillRejected(f"the library holds evolve.max_skills={self.cfg.max_skills} live skills; retire some first")
-        sid = self.library.add(skill, card, embedding, provenance or {}, merge=False)
-        with self.library._write() as db:
-            db.execute(f"INSERT OR REPLACE INTO skill_lifecycle ({_LIFE_COLS}) VALUES (?, 'quarantined', 0, 0, 0, 0, ?, ?)",
-                       (sid, "new: quarantined until it beats its no-skill control", time.time()))
-            self._change(db, actor, "add", sid, reason, {"provenance": provenance or {}})
+        with self._admitting():
+            near = self.library.retrieve(embedding, 1)
+            if near and near[0].similarity is not None and near[0].similarity >= self.library.dedup_threshold:
+                return near[0].id
+            if len(self.library) >= self.cfg.max_skills:
+                raise SkillRejected(f"the library holds evolve.max_skills={self.cfg.max_skills} live skills; "
+                                    "retire some first")
+            sid = self.library.add(skill, card, embedding, provenance or {}, merge=False)
+            with self.library._write() as db:
+                # another process's _adopt may have given the new skill a row between the two transactions
+                db.execute(f"INSERT INTO skill_lifecycle ({_LIFE_COLS}) VALUES (?, 'quarantined', 0, 0, 0, 0, ?, ?) "
+                           "ON CONFLICT (skill_id) DO UPDATE SET status=excluded.status, uses=0, wins=0, ctrl_uses=0, "
+                           "ctrl_wins=0, reason=excluded.reason, updated_at=excluded.updated_at",
+                           (sid, "new: quarantined until it beats its no-skill control", time.time()))
+                self._change(db, actor, "add", sid, reason, {"provenance": provenance or {}})
         return sid
+
+    @contextmanager
+    def _admitting(self) -> Iterator[None]:
+        """The near-duplicate check, the capacity check and the insert as one step across
+        replicas: without it two replicas extracting the same kind of task at once would both
+        find no near-duplicate and store two. (A SQLite library has one serve process.)"""
+        if not self.pg:
+            yield
+            return
+        with self.library.held(_ADMIT_LOCK):
+            yield
 
     # -- the arms -------------------------------------------------------------------------
 
@@ -259,7 +353,7 @@ class SkillEvolver:
         qid = None
         with self.library._write() as db:
             db.execute("INSERT INTO arm_stats VALUES (?, 1, ?) ON CONFLICT(arm) DO UPDATE SET "
-                       "episodes=episodes+1, wins=wins+excluded.wins", (decision.arm, outcome))
+                       "episodes=arm_stats.episodes+1, wins=arm_stats.wins+excluded.wins", (decision.arm, outcome))
             touched = []
             if decision.skill_id is not None and self._life(db, decision.skill_id) is not None:
                 db.execute("UPDATE skill_lifecycle SET uses=uses+1, wins=wins+?, updated_at=? WHERE skill_id=?",
@@ -284,9 +378,8 @@ class SkillEvolver:
                                      {k: life[k] for k in ("uses", "wins", "ctrl_uses", "ctrl_wins")})
                     changes.append({"skill_id": sid, "status": verdict, "reason": why, "version": v})
             if queue_payload is not None:
-                cur = db.execute("INSERT INTO episode_queue (created_at, payload) VALUES (?, ?)",
-                                 (time.time(), json.dumps(queue_payload)))
-                qid = int(cur.lastrowid)
+                qid = int(db.execute("INSERT INTO episode_queue (created_at, payload) VALUES (?, ?) RETURNING id",
+                                     (time.time(), json.dumps(queue_payload))).fetchone()[0])
         return changes, qid
 
     # -- admin ----------------------------------------------------------------------------
@@ -366,9 +459,9 @@ class SkillEvolver:
         control; paged because each lift is a posterior computed on the spot."""
         recs = {r.id: r for r in self.library.list(include_retired=include_retired)}
         where, args = ("WHERE status=?", [status]) if status else ("", [])
-        rows = self.library._db.execute(
+        rows = self.library._db.execute(  # no limit: 2**62 rows (PostgreSQL refuses SQLite's LIMIT -1)
             f"SELECT {_LIFE_COLS} FROM skill_lifecycle {where} ORDER BY skill_id LIMIT ? OFFSET ?",
-            [*args, -1 if limit is None else int(limit), int(offset)]).fetchall()
+            [*args, 2**62 if limit is None else int(limit), int(offset)]).fetchall()
         out = []
         for row in rows:
             life = dict(zip(_LIFE_COLS.split(", "), row))
@@ -439,10 +532,30 @@ class SkillEvolver:
             "SELECT id, payload FROM episode_queue WHERE state='pending' ORDER BY id LIMIT ?", (int(limit),))
         return [(int(i), json.loads(p)) for i, p in rows]
 
+    def claim(self) -> tuple[int, dict] | None:
+        """The oldest pending episode no other extraction worker holds, now held by this one
+        until `finish_queued` (on PostgreSQL; a SQLite library has one worker). The hold is the
+        database session's, so a replica killed mid-extraction frees the episode for the others
+        at once, and it stays `pending` in the table until its skill is stored."""
+        for qid, payload in self.pending(16):
+            if not self.pg:
+                return qid, payload
+            key = (_QUEUE_LOCK, qid % 2**31)
+            if not self.library.try_hold(key):
+                continue
+            if self.queued(qid)["state"] == "pending":  # not finished by another worker since pending() read it
+                self._held.add(qid)
+                return qid, payload
+            self.library.release(key)
+        return None
+
     def finish_queued(self, qid: int, result: dict, *, failed: bool = False) -> None:
         with self.library._write() as db:
             db.execute("UPDATE episode_queue SET state=?, result=?, done_at=?, attempts=attempts+1 WHERE id=?",
                        ("failed" if failed else "done", json.dumps(result), time.time(), qid))
+        if qid in self._held:
+            self._held.discard(qid)
+            self.library.release((_QUEUE_LOCK, qid % 2**31))
 
     def queue_counts(self) -> dict[str, int]:
         rows = self.library._db.execute("SELECT state, COUNT(*) FROM episode_queue GROUP BY state")
@@ -528,7 +641,7 @@ def run_evolve(cfg, split: str, *, library: str | Path, max_tasks: int | None = 
 
     Writes `<out>/evolve_<split>.json` (per-episode log, per-arm success, the library's skills
     with their lift) and returns the same summary."""
-    from evolving_rl.builders import build_policy, build_pool, build_rollout, build_suite
+    from evolving_rl.builders import build_extractor, build_policy, build_pool, build_rollout, build_suite, extractor_name
     from evolving_rl.retrieval import make_embedder
 
     suite = build_suite(cfg)
@@ -538,17 +651,18 @@ def run_evolve(cfg, split: str, *, library: str | Path, max_tasks: int | None = 
     if not tasks:
         raise ValueError(f"--split {split}: no tasks")
     policy = build_policy(cfg)
+    extractor = build_extractor(cfg, policy)  # the solver itself unless extractor_model names another model
     ev = cfg.evolving
-    evolver = SkillEvolver(SkillLibrary(library, cfg.library.dedup_threshold), cfg.evolve,
+    evolver = SkillEvolver(open_library(library, dedup_threshold=cfg.library.dedup_threshold), cfg.evolve,
                            min_chars=ev.min_skill_chars, max_chars=ev.max_skill_chars)
     greedy = {"temperature": 0.0} if cfg.eval.greedy else {}
     t0 = time.perf_counter()
     with build_pool(cfg) as pool:
         rollout = build_rollout(cfg, policy, pool)
         episodes, log = evolve_stream(
-            evolver, rollout, policy, make_embedder(cfg.retrieval.embedder), tasks,
+            evolver, rollout, extractor, make_embedder(cfg.retrieval.embedder), tasks,
             cfg.rollout.solver.model_copy(update=greedy), cfg.rollout.extractor.model_copy(update=greedy),
-            wave=cfg.evolve.wave, seed=cfg.evolve.seed, model_name=cfg.model.path,
+            wave=cfg.evolve.wave, seed=cfg.evolve.seed, model_name=extractor_name(cfg),
             max_trajectory_chars=ev.max_trajectory_chars, learn=learn)
     arms: dict[str, dict] = {}
     for row in log:
@@ -556,7 +670,8 @@ def run_evolve(cfg, split: str, *, library: str | Path, max_tasks: int | None = 
             a = arms.setdefault(row["arm"], {"episodes": 0, "wins": 0})
             a["episodes"] += 1
             a["wins"] += int(row["won"])
-    summary = {"split": split, "env": cfg.env.name, "model": cfg.model.path, "library": str(library),
+    summary = {"split": split, "env": cfg.env.name, "model": cfg.model.path, "extractor": extractor_name(cfg),
+               "library": str(library),
                "episodes": len(log), "wall_s": round(time.perf_counter() - t0, 1), "arms": arms,
                "skills": evolver.skills(), "counts": evolver.counts(), "library_version": evolver.current_version(),
                "log": log}

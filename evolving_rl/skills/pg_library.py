@@ -143,7 +143,7 @@ class PgSkillLibrary(SkillLibrary):
             if self.readonly:
                 raise ValueError(f"{self.path}: skill library schema version {version} needs migrating to "
                                  f"{SCHEMA_VERSION}; open it once for writing")
-            self._migrate()
+            self.migrate("schema_version", MIGRATIONS)
         self.pgvector = self._enable_pgvector()
 
     @staticmethod
@@ -153,17 +153,46 @@ class PgSkillLibrary(SkillLibrary):
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return int(row[0]) if row else 0
 
-    def _migrate(self) -> None:
-        db = self._db
+    def migrate(self, key: str, migrations: dict[int, list[str]]) -> int:
+        """Bring the tables versioned by meta `key` to max(migrations): the missing steps in
+        order, in one transaction, under the advisory lock (replicas starting together migrate
+        once). The service's lifecycle tables (serve/evolver.py) are versioned this way beside
+        the library's own. A version newer than this code is refused. Returns the version."""
+        target, db = max(migrations), self._db
         with db.raw.transaction():
             db.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            current = self._version(db)  # another process may have migrated while we waited
-            for v in range(current + 1, SCHEMA_VERSION + 1):
-                for stmt in MIGRATIONS[v]:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            current = int(row[0]) if row else 0  # another process may have migrated while we waited
+            if current > target:
+                raise ValueError(f"{self.path}: {key} {current}, this code reads {target}; upgrade evolving-rl")
+            if current == target:
+                return current
+            if self.readonly:
+                raise ValueError(f"{self.path}: {key} {current} needs migrating to {target}; open it once for writing")
+            for v in range(current + 1, target + 1):
+                for stmt in migrations[v]:
                     db.execute(stmt)
-            db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value=EXCLUDED.value",
-                       (str(max(current, SCHEMA_VERSION)),))
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=EXCLUDED.value",
+                       (key, str(target)))
+        return target
+
+    def try_hold(self, key: tuple[int, int]) -> bool:
+        """A session-level advisory lock, not waiting: PostgreSQL drops it when this connection
+        ends, so a replica killed while holding one (say, mid-extraction) frees it at once."""
+        return bool(self._db.execute("SELECT pg_try_advisory_lock(?, ?)", key).fetchone()[0])
+
+    def release(self, key: tuple[int, int]) -> None:
+        self._db.execute("SELECT pg_advisory_unlock(?, ?)", key)
+
+    @contextmanager
+    def held(self, key: tuple[int, int]) -> Iterator[None]:
+        """The advisory lock `key` across several transactions of this connection (waits for it)."""
+        self._db.execute("SELECT pg_advisory_lock(?, ?)", key)
+        try:
+            yield
+        finally:
+            self.release(key)
 
     def _enable_pgvector(self) -> bool:
         """Use pgvector when the server has it: the extension and the derived column are created
@@ -246,10 +275,12 @@ class PgSkillLibrary(SkillLibrary):
         with db.raw.transaction():
             db.execute("LOCK TABLE skills IN SHARE ROW EXCLUSIVE MODE")
             yield db
-            # Explicit ids (an import) do not advance the identity sequence: move it past them.
-            db.execute("SELECT setval(pg_get_serial_sequence('skills', 'id'), "
-                       "GREATEST((SELECT COALESCE(MAX(id), 0) FROM skills), 1), "
-                       "(SELECT COUNT(*) > 0 FROM skills))")
+            # Explicit ids (an import, a rollback) do not advance the identity sequence: move it
+            # past them, never back, so an id a rollback removed is never given to a new skill
+            # (the audit log would mix two skills under one id; SQLite's AUTOINCREMENT agrees).
+            db.execute("SELECT setval(seq, top) FROM (SELECT pg_get_serial_sequence('skills', 'id')::regclass AS seq, "
+                       "(SELECT MAX(id) FROM skills) AS top) s "
+                       "WHERE top > COALESCE(pg_sequence_last_value(seq), 0)")
 
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():
