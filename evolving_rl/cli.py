@@ -270,7 +270,8 @@ def serve(
     overrides: list[str] = OverridesArg,
     host: str = typer.Option(None, "--host", help="Listen address (default serve.host: 127.0.0.1, localhost only)."),
     port: int = typer.Option(None, "--port", min=0, max=65535, help="Port (default serve.port)."),
-    library: Path = typer.Option(None, "--library", help="Skill library SQLite file (default serve.library)."),
+    library: str = typer.Option(None, "--library", help="Skill library: a SQLite file, or postgresql://... shared "
+                                "by several replicas (default serve.library)."),
 ):
     """Serve a self-evolving agent over HTTP: callers start episodes, ask for actions, end them with
     the outcome; ended episodes become quarantined skills that are promoted or retired against a
@@ -287,9 +288,10 @@ def serve(
     cfg = _config(config, over)
     if not Path(cfg.model.path).is_dir():
         _fail(f"model.path: no model directory at {cfg.model.path}")
+    _open_library(cfg.serve.library, "create", "serve.library").close()  # before minutes of model loading
     try:
         run_server(cfg, say=console.print)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         _fail(str(e))
 
 
@@ -298,7 +300,8 @@ def evolve(
     config: Path = ConfigOpt,
     overrides: list[str] = OverridesArg,
     split: str = typer.Option("eval_unseen", "--split", help="The task stream: a split of env.name's suite."),
-    library: Path = typer.Option(None, "--library", help="Skill library (default <run_dir>/skills.sqlite)."),
+    library: str = typer.Option(None, "--library", help="Skill library: a file or postgresql://... "
+                                "(default <run_dir>/skills.sqlite)."),
     max_tasks: int = typer.Option(None, "--max-tasks", min=1, help="Only the first N tasks of the split."),
     learn: bool = typer.Option(True, "--learn/--no-learn", help="--no-learn: a frozen library (skill transfer)."),
     export: Path = typer.Option(None, "--export", help="Write the library to this JSON file afterwards."),
@@ -309,9 +312,10 @@ def evolve(
     from evolving_rl.serve.evolver import SkillEvolver, run_evolve
 
     cfg = _config(config, overrides)
-    lib = library or Path(cfg.run_dir) / "skills.sqlite"
+    lib = library or str(Path(cfg.run_dir) / "skills.sqlite")
     if not Path(cfg.model.path).is_dir():
         _fail(f"model.path: no model directory at {cfg.model.path}")
+    _open_library(lib, "create", "--library").close()
     try:
         if import_ is not None:
             if not import_.is_file():
@@ -322,7 +326,7 @@ def evolve(
                              say=console.print)
         if export is not None:
             console.print(f"{SkillEvolver(lib, cfg.evolve).export(export)} skills -> {export}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         _fail(str(e))
     for arm, a in sorted(summary["arms"].items()):
         console.print(f"{arm:<10} {a['wins']}/{a['episodes']} won")
@@ -349,20 +353,31 @@ def skills_check(files: list[Path] = typer.Argument(..., help="Files of raw extr
     raise typer.Exit(0 if ok else 1)
 
 
-def _library(path: Path, mode: str = "read"):
-    """An existing library; list/show/export open it read-only, so a wrong file is never changed."""
-    from evolving_rl.skills.library import SkillLibrary
+LIB_HELP = "A skill library: a SQLite file, or a postgresql://user@host:port/db URL."
 
-    if not path.is_file():
-        _fail(f"no skill library at {path}" + (" (that is a directory)" if path.is_dir() else ""))
+
+def _open_library(location: str | Path, mode: str, what: str | None = None):
+    """The library at a file path or a postgresql:// URL (`open_library`); a bad URL, a server
+    that is down or a missing driver is one line (naming `what`), never a traceback."""
+    from evolving_rl.skills.pg_library import open_library
+
     try:
-        return SkillLibrary(path, mode=mode)
-    except ValueError as e:
-        _fail(str(e))
+        return open_library(location, mode=mode)
+    except (ValueError, ImportError) as e:
+        _fail(f"{what}: {e}" if what else str(e))
+
+
+def _library(location: str | Path, mode: str = "read"):
+    """An existing library; list/show/export open it read-only, so a wrong file is never changed."""
+    from evolving_rl.skills.pg_library import is_postgres
+
+    if not is_postgres(str(location)) and not Path(location).is_file():
+        _fail(f"no skill library at {location}" + (" (that is a directory)" if Path(location).is_dir() else ""))
+    return _open_library(location, mode)
 
 
 @skills_app.command("list")
-def skills_list(library: Path = typer.Argument(...), all: bool = typer.Option(False, "--all", help="Include retired.")):
+def skills_list(library: str = typer.Argument(..., help=LIB_HELP), all: bool = typer.Option(False, "--all", help="Include retired.")):
     """One line per skill: id, version, uses, success when used, name."""
     from rich.table import Table
 
@@ -379,7 +394,7 @@ def skills_list(library: Path = typer.Argument(...), all: bool = typer.Option(Fa
 
 
 @skills_app.command("show")
-def skills_show(library: Path = typer.Argument(...), skill_id: int = typer.Argument(...)):
+def skills_show(library: str = typer.Argument(..., help=LIB_HELP), skill_id: int = typer.Argument(...)):
     """The card and provenance of one skill."""
     try:
         r = _library(library).get(skill_id)
@@ -401,23 +416,21 @@ def _format(fmt: str) -> str:
     return fmt
 
 
-def _service_evolver(library: Path):
+def _service_evolver(library: str | Path):
     """The deployment service's lifecycle engine on a library it has run on (`serve`, `evolve`),
     so only its promoted skills leave the library and retirements go through its audit log;
-    None for a library without one (then every live skill counts as promoted) or a PostgreSQL
-    one (the service runs on SQLite)."""
-    from evolving_rl.skills.pg_library import is_postgres
+    None for a library without one (then every live skill counts as promoted)."""
+    from evolving_rl.serve.evolver import SkillEvolver, has_lifecycle
 
-    if is_postgres(str(library)):
-        return None
-    lib = _library(Path(library))
-    has = lib._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='skill_lifecycle'").fetchone()
+    lib = _library(library)
+    has = has_lifecycle(lib)
     lib.close()
     if not has:
         return None
-    from evolving_rl.serve.evolver import SkillEvolver
-
-    return SkillEvolver(Path(library), _config(None, []).evolve)
+    try:
+        return SkillEvolver(_library(library, mode="write"), _config(None, []).evolve)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _lifecycle(evolver) -> dict[int, dict]:
@@ -432,7 +445,7 @@ def _lifecycle(evolver) -> dict[int, dict]:
 
 
 @skills_app.command("export")
-def skills_export(library: Path = typer.Argument(...),
+def skills_export(library: str = typer.Argument(..., help=LIB_HELP),
                   out: Path = typer.Argument(..., help="JSONL file, or a new folder for --format agent-skills."),
                   fmt: str = FormatOpt):
     if _format(fmt) == "agent-skills":
@@ -455,16 +468,16 @@ def skills_export(library: Path = typer.Argument(...),
 
 
 @skills_app.command("import")
-def skills_import(library: Path = typer.Argument(..., help="Library file (created if missing)."),
+def skills_import(library: str = typer.Argument(..., help="Library file (created if missing) or postgresql://..."),
                   src: Path = typer.Argument(..., help="JSONL from `skills export`, or a folder of Agent Skills."),
                   fmt: str = FormatOpt):
-    from evolving_rl.skills.library import SkillLibrary, read_export
+    from evolving_rl.skills.library import read_export
 
     if _format(fmt) == "agent-skills":
         from evolving_rl.skills.agent_skills import import_agent_skills
 
         try:
-            res = import_agent_skills(SkillLibrary(library, mode="create"), src)
+            res = import_agent_skills(_open_library(library, "create"), src)
         except (ValueError, OSError) as e:
             _fail(str(e))
         for m in res.messages:
@@ -473,7 +486,7 @@ def skills_import(library: Path = typer.Argument(..., help="Library file (create
         raise typer.Exit(1 if any(m.startswith("skipped") for m in res.messages) else 0)
     try:
         records = read_export(src)  # checked before the library is opened: a bad file creates none
-        ids = SkillLibrary(library).import_records(records, str(src))
+        ids = _open_library(library, "create").import_records(records, str(src))
     except ValueError as e:
         _fail(str(e))
     console.print(f"{len(ids)} skills imported into {library}")
@@ -487,12 +500,10 @@ def skills_mcp(library: str = typer.Argument(..., help="The skill library to ser
     """Serve the library's promoted skills over MCP (list, search by task text, read one). Read-only
     unless $EVOLVING_RL_ADMIN_TOKEN is set, which adds an admin `retire_skill` tool needing it."""
     from evolving_rl.skills.mcp_server import serve as serve_mcp
-    from evolving_rl.skills.pg_library import is_postgres
 
     if transport not in ("stdio", "http"):
         _fail(f"--transport: unknown transport {transport!r}; allowed: stdio, http")
-    if not is_postgres(library):
-        _library(Path(library)).close()  # a missing or foreign file fails here, before the protocol starts
+    _library(library).close()  # a missing or foreign library fails here, before the protocol starts
     evolver = _service_evolver(library)
     try:
         serve_mcp(library, transport=transport, host=host, port=port,
@@ -503,13 +514,20 @@ def skills_mcp(library: str = typer.Argument(..., help="The skill library to ser
 
 
 @skills_app.command("retire")
-def skills_retire(library: Path = typer.Argument(...), skill_id: int = typer.Argument(...),
+def skills_retire(library: str = typer.Argument(..., help=LIB_HELP), skill_id: int = typer.Argument(...),
                   reason: str = typer.Option(..., "--reason")):
-    """Stop retrieving a skill; it stays in the library for audit."""
+    """Stop retrieving a skill; it stays in the library for audit. On a served library the
+    service's lifecycle retires it (its status, a new version and an audit-log row)."""
+    evolver = _service_evolver(library)
     try:
-        _library(library, mode="write").retire(skill_id, reason)
+        if evolver is not None:
+            evolver.retire(skill_id, actor="cli", reason=reason)
+        else:
+            _library(library, mode="write").retire(skill_id, reason)
     except KeyError as e:
         _fail(e.args[0])
+    except ValueError as e:
+        _fail(str(e))
     console.print(f"retired {skill_id}")
 
 

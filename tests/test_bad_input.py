@@ -125,6 +125,16 @@ def _none(tmp: Path) -> dict:
     return {}
 
 
+def _pg_down(tmp: Path) -> dict:
+    """A postgresql:// library on a localhost port nothing listens on (a server that is down)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"PGURL": f"postgresql://postgres:hunter2secret@127.0.0.1:{port}/skills"}
+
+
 _GAMES: list[Path] = []  # the session's real generated ALFWorld games (conftest), copied per case
 
 
@@ -254,6 +264,19 @@ CASES: list[tuple[str, Callable[[Path], dict], list[str], list[str], list[str]]]
     ("show-on-foreign-sqlite", _foreign_sqlite, ["skills", "show", "FILE", "1"], ["foreign.sqlite"], []),
     ("retire-huge-id", lambda t: {"LIB": _library(t)}, ["skills", "retire", "LIB", str(2**70), "--reason", "x"],
      [str(2**70)], []),
+    # a postgresql:// library whose server is down or whose URL is malformed: named, password hidden
+    *[(f"{'-'.join(argv[:2])}-postgres-down",
+       (lambda t: {**_pg_down(t), "MODEL": _model(t, "none")}) if "model.path=MODEL" in argv else _pg_down, argv,
+       ["postgresql://postgres:***@127.0.0.1"], [])
+      for argv in (["skills", "list", "PGURL"], ["skills", "show", "PGURL", "1"],
+                   ["skills", "export", "PGURL", "TMP/out.jsonl"], ["skills", "retire", "PGURL", "1", "--reason", "x"],
+                   ["skills", "export", "--format", "agent-skills", "PGURL", "TMP/out"],
+                   ["skills", "mcp", "PGURL"], ["evolve", "--library", "PGURL", "model.path=MODEL"],
+                   ["serve", "--library", "PGURL", "model.path=MODEL"])],
+    ("skills-import-postgres-down", lambda t: {**_import(_record())(t), **_pg_down(t)}, ["skills", "import", "PGURL", "SRC"],
+     ["postgresql://postgres:***@127.0.0.1"], []),
+    ("skills-list-postgres-bad-port", _none, ["skills", "list", "postgresql://u@127.0.0.1:notaport/db"],
+     ["postgresql://u@127.0.0.1:notaport/db", "port"], []),
     ("skills-check-directory", _none, ["skills", "check", "TMP"], ["no such file"], []),
     ("skills-check-binary", _write("raw.txt", b"\xff\xfe\x00garbage"), ["skills", "check", "FILE"], ["raw.txt"], []),
     # games: a game that cannot be read is named (evaluation refuses it unless told to skip it)
@@ -318,6 +341,7 @@ def test_hostile_input_is_named_not_a_traceback(case, tmp_path):
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     code, out, exc = invoke(*map(sub, argv))
     assert_handled(code, out, exc, [sub(n) for n in names])
+    assert "hunter2secret" not in out  # a library URL's password is never printed
     for left in leftovers:
         assert not Path(sub(left)).exists(), f"left behind: {sub(left)}"
     # a failed command changes no input file (a foreign SQLite file stays as it was, an empty file stays empty)

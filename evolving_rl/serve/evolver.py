@@ -158,6 +158,14 @@ _ADMIT_LOCK = (0x5E20, 0)
 _LIFE_COLS = "skill_id, status, uses, wins, ctrl_uses, ctrl_wins, reason, updated_at"
 
 
+def has_lifecycle(library: SkillLibrary) -> bool:
+    """Whether a service (`serve`, `evolve`) has run on this library: its lifecycle tables are there."""
+    if isinstance(library, PgSkillLibrary):
+        return library._db.execute("SELECT to_regclass('skill_lifecycle')").fetchone()[0] is not None
+    return library._db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='skill_lifecycle'").fetchone() is not None
+
+
 class SkillRejected(ValueError):
     """A skill that may not enter the library; the message says why (audit reasons, markup, capacity)."""
 
@@ -671,7 +679,7 @@ def run_evolve(cfg, split: str, *, library: str | Path, max_tasks: int | None = 
             a["episodes"] += 1
             a["wins"] += int(row["won"])
     summary = {"split": split, "env": cfg.env.name, "model": cfg.model.path, "extractor": extractor_name(cfg),
-               "library": str(library),
+               "library": str(evolver.path),
                "episodes": len(log), "wall_s": round(time.perf_counter() - t0, 1), "arms": arms,
                "skills": evolver.skills(), "counts": evolver.counts(), "library_version": evolver.current_version(),
                "log": log}

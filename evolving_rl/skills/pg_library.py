@@ -257,7 +257,8 @@ class PgSkillLibrary(SkillLibrary):
             try:
                 import psycopg
             except ImportError as e:
-                raise ImportError("a PostgreSQL skill library needs psycopg: pip install 'evolving-rl[postgres]'") from e
+                raise ImportError(f"{self.path}: a PostgreSQL skill library needs psycopg: "
+                                  "pip install 'evolving-rl[postgres]'") from e
             try:
                 conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout_s)))
             except psycopg.Error as e:
