@@ -49,7 +49,7 @@ import numpy as np
 
 from evolving_rl.serve.guardrails import decide, hostile_markup, lift_posterior
 from evolving_rl.skills.library import _COLUMNS, SkillLibrary
-from evolving_rl.skills.pg_library import PgSkillLibrary, open_library
+from evolving_rl.skills.pg_library import PgSkillLibrary, is_postgres, open_library
 
 STATUSES = ("quarantined", "promoted", "retired")
 
@@ -210,9 +210,7 @@ class SkillEvolver:
             self.library.migrate("lifecycle_schema_version", LIFECYCLE_MIGRATIONS)
         with self.library._write() as db:
             if not self.pg:
-                for stmt in _SCHEMA.split(";\n"):
-                    if stmt.strip():
-                        db.execute(stmt)
+                _create_sqlite_tables(db)
             self._adopt(db)
             if db.execute("SELECT COUNT(*) FROM library_versions").fetchone()[0] == 0:
                 self._new_version(db, "system", "initial library")
@@ -425,12 +423,7 @@ class SkillEvolver:
             snap = json.loads(zlib.decompress(row[0]))
             db.execute("DELETE FROM skills")
             db.execute("DELETE FROM skill_lifecycle")
-            for r in snap["skills"]:
-                r = list(r)
-                r[4] = bytes.fromhex(r[4])
-                db.execute(f"INSERT INTO skills ({_COLUMNS}) VALUES ({', '.join('?' * len(r))})", r)
-            for r in snap["lifecycle"]:
-                db.execute(f"INSERT INTO skill_lifecycle ({_LIFE_COLS}) VALUES ({', '.join('?' * len(r))})", r)
+            _insert_rows(db, [[*r[:4], bytes.fromhex(r[4]), *r[5:]] for r in snap["skills"]], snap["lifecycle"])
             return self._change(db, actor, "rollback", None, reason, {"to_version": int(version)})
 
     def snapshot(self, version: int | None = None) -> dict:
@@ -577,6 +570,43 @@ class SkillEvolver:
 
     def close(self) -> None:
         self.library.close()
+
+
+def _create_sqlite_tables(db) -> None:
+    for stmt in _SCHEMA.split(";\n"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
+def _insert_rows(db, skills: list, lifecycle: list) -> None:
+    """Skill rows (`_COLUMNS`, the embedding as bytes) and lifecycle rows (`_LIFE_COLS`), ids kept."""
+    for r in skills:
+        db.execute(f"INSERT INTO skills ({_COLUMNS}) VALUES ({', '.join('?' * len(r))})", list(r))
+    for r in lifecycle:
+        db.execute(f"INSERT INTO skill_lifecycle ({_LIFE_COLS}) VALUES ({', '.join('?' * len(r))})", list(r))
+
+
+def copy_library(src: str | Path, dst: str | Path) -> None:
+    """A library (a file or a postgresql:// URL) as a new SQLite file `dst`, for work that must
+    never touch the original (an evaluation plays on its own copy of a skill bank). A file is
+    copied whole with SQLite's backup API; from PostgreSQL every skill row is copied exactly and,
+    where a service ran on it, each skill's lifecycle (status, counts), so a promoted skill
+    stays promoted (versions and the audit log stay with the original)."""
+    from evolving_rl.common import snapshot_sqlite
+
+    if not is_postgres(str(src)):
+        snapshot_sqlite(src, dst)
+        return
+    with open_library(str(src), mode="read") as lib:
+        skills = [[*r[:4], bytes(r[4]), *r[5:]] for r in lib._db.execute(f"SELECT {_COLUMNS} FROM skills ORDER BY id")]
+        life = (lib._db.execute(f"SELECT {_LIFE_COLS} FROM skill_lifecycle ORDER BY skill_id").fetchall()
+                if has_lifecycle(lib) else [])
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(dst) + suffix).unlink(missing_ok=True)
+    with SkillLibrary(dst) as out, out._write() as db:
+        if life:
+            _create_sqlite_tables(db)
+        _insert_rows(db, skills, life)
 
 
 def extract_into(evolver: SkillEvolver, policy, episodes, embeddings, provenances: list[dict], sampling, *,
