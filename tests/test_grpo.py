@@ -432,3 +432,125 @@ def test_one_update_raises_logprob_of_positive_advantage_sequences():
     assert m["loss/optimizer_stepped"] == 1 and m["loss/grad_norm"] > 0
     for s, b, a in zip(samples, before, after):
         assert (a > b) if s.advantage > 0 else (a < b), (s.reward, b, a)
+
+
+# --------------------------------------------------------------------------------------
+# Shared prefixes: HFPolicy runs a prefix common to several samples once (issue 17)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_policy(tmp_path_factory):
+    from transformers.utils import logging as hf_logging
+
+    from evolving_rl.config import ModelConfig, TinyModelConfig
+    from evolving_rl.policy.hf import HFPolicy
+    from evolving_rl.policy.tiny import build_tiny
+
+    hf_logging.disable_progress_bar()
+    corpus = [f"go to cabinet {i}. take mug {i % 3} from cabinet {i}. You see a fridge {i % 5}." for i in range(40)]
+    tiny = TinyModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=0)
+    return HFPolicy(ModelConfig(path=str(build_tiny(corpus, tiny, tmp_path_factory.mktemp("tiny")))))
+
+
+def prefix_sharing_samples(vocab: int, seed: int = 0) -> list[Sample]:
+    """What one Evolving-RL step trains on, in miniature, with ids drawn at random.
+
+    Per-step turns of three episodes of 1, 3 and 5 turns (each turn repeats the system prompt
+    and its episode's task), three extractor completions of one trajectory prompt, and two
+    multi-turn episodes, one of which overflowed its context: its closed segment and the
+    continuation that starts again from the head, with the kept turn as context only."""
+    import random
+
+    rng = random.Random(seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    def segment(parts: list[tuple[list[int], int]]) -> Segment:
+        toks = [t for p, _ in parts for t in p]
+        return Segment(toks, [0.0] * len(toks), [m for p, m in parts for _ in p])
+
+    system = ids(40)
+    out = []
+    for e, (turns, reward) in enumerate([(1, 1.0), (3, 0.0), (5, 1.0)]):
+        head = system + ids(10 + 7 * e)  # the task (and card) of this episode
+        for _ in range(turns):
+            seg = segment([(head + ids(rng.randint(5, 25)), 0), (ids(rng.randint(2, 8)), 1)])
+            out.append(Sample(seg, "solver", "task", reward, episode=f"e{e}"))
+    trajectory = ids(90)
+    for n, reward in ((4, 1.0), (11, 0.0), (19, 0.5)):
+        out.append(Sample(segment([(trajectory, 0), (ids(n), 1)]), "extractor", "source", reward))
+    head = system + ids(15)
+    obs, replies = [ids(rng.randint(4, 9)) for _ in range(5)], [ids(rng.randint(2, 5)) for _ in range(5)]
+    closed = segment([(head, 0)] + [p for k in range(3) for p in ((obs[k], 0), (replies[k], 1))])
+    kept = segment([(head + obs[2] + replies[2], 0)] + [p for k in (3, 4) for p in ((obs[k], 0), (replies[k], 1))])
+    whole = segment([(system + ids(15), 0)] + [p for k in range(2) for p in ((obs[k], 0), (replies[k], 1))])
+    out += [Sample(closed, "solver", "mt", 1.0, episode="long"), Sample(kept, "solver", "mt", 1.0, episode="long"),
+            Sample(whole, "solver", "mt", 0.0, episode="short")]
+    return out
+
+
+def test_shared_prefixes_leave_the_loss_and_gradient_unchanged(hf_policy):
+    """The update with every sample in one micro-batch (prefixes run once) against each sample
+    scored alone as one whole sequence by a plain forward pass (what `score` did before)."""
+    model = hf_policy.model
+    samples = prefix_sharing_samples(hf_policy.vocab_size)
+    total = sum(len(s.segment.token_ids) for s in samples)
+    reference = hf_policy.reference()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in reference.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a reference that differs: the KL term is not 0
+        g = torch.Generator().manual_seed(1)
+        for s, (lp, _) in zip(samples, ScoringPolicy(model).score([s.segment for s in samples])):
+            noise = 0.3 * (torch.rand(len(lp), generator=g) * 2 - 1)  # old log-probs off: some ratios clipped
+            s.segment.logprobs = [float(x + n) if m else 0.0 for x, n, m in zip(lp, noise, s.segment.loss_mask)]
+    roles = {"solver": RoleConfig(kl_coef=0.05, entropy_coef=0.01),
+             "extractor": RoleConfig(adv_weight=0.2, kl_coef=0.05, entropy_coef=-0.03)}
+    cfg = GRPOConfig(micro_batch_tokens=100_000, max_grad_norm=1e9)
+
+    def delta(policy, ref) -> tuple[torch.Tensor, dict[str, float]]:
+        params = list(policy.parameters())
+        before = [p.detach().clone() for p in params]
+        up = GRPOUpdater(policy, ref, cfg, roles, optimizer=torch.optim.SGD(params, lr=1.0))
+        m = up.update(copy.deepcopy(samples))
+        out = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+        return out, m
+
+    fed = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: fed.append(args[0].numel()))
+    try:
+        shared, m = delta(hf_policy, reference)
+    finally:
+        hook.remove()
+    whole, m_whole = delta(ScoringPolicy(model), ScoringPolicy(reference.model))
+
+    assert whole.abs().max() > 1e-3  # a real gradient
+    torch.testing.assert_close(shared, whole, atol=1e-6 * float(whole.abs().max()), rtol=1e-4)
+    for k in ("loss/total", "loss/pg", "loss/kl", "loss/entropy", "loss/clip_frac"):
+        assert m[k] == pytest.approx(m_whole[k], rel=1e-4, abs=1e-7), k
+    assert m["loss/clip_frac"] > 0 and m["loss/kl"] > 0
+    # The system prompt (40 tokens) of 11 solver samples and the trajectory (90) of 3
+    # extractor samples ran once each, with padding in any batch: > 400 of 1,270 tokens saved.
+    assert total == 1270
+    assert sum(fed) < total - 400, (sum(fed), total)
+
+
+def test_shared_prefix_plan_stops_before_the_first_scored_token():
+    from evolving_rl.policy.hf import _shared_prefixes
+
+    seqs = [[5] * 60 + [1, 2, 3], [5] * 60 + [4, 4], [5] * 60 + [6] * 3, [7] * 70]
+    predict = torch.zeros(4, 70, dtype=torch.bool)
+    predict[0, 61:62] = predict[1, 50:61] = predict[2, 60:62] = predict[3, 69] = True
+    starts, owner, groups = _shared_prefixes(seqs, predict)
+    assert [sorted(g) for g in groups] == [[0, 1, 2]]  # the row with nothing in common runs alone
+    assert starts == [50, 50, 50, 0]  # row 1's first scored position (50) ends the shared prefix
+    predict[1, 50:60] = False
+    predict[1, 20] = True  # now sharing 20 tokens twice does not pay for a forward call
+    assert _shared_prefixes(seqs, predict)[2] == []
+    assert owner[:3] == [0, 0, 0]
+    assert _shared_prefixes(seqs, predict, share=False) == ([0] * 4, [0] * 4, [])  # gradient checkpointing

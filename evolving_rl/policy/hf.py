@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, modeling_utils
 
 from evolving_rl.config import ModelConfig
@@ -383,21 +384,24 @@ class HFPolicy:
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Per-token log-probs (position 0 = 0) and entropies, in the input order.
 
-        Segments are sorted by length and packed into right-padded chunks of at most
-        `max_tokens_per_chunk` padded tokens, so memory stays bounded. With
-        `loss_positions_only`, the output layer runs only where loss_mask == 1 (the rest
-        hold 0): what GRPO needs, and cheaper when prompts are long.
+        Segments are packed into chunks of at most `max_tokens_per_chunk` tokens (count x
+        longest), so memory stays bounded; sorted by their ids, so segments that share a
+        prefix (turns of one episode, samples of one prompt) land in one chunk, where the
+        prefix runs once (`_predicted_logits`). With `loss_positions_only`, the output
+        layer runs only where loss_mask == 1 (the rest hold 0): what GRPO needs, and cheaper
+        when prompts are long.
         """
         for i, s in enumerate(segments):
             self._check_ids(s.token_ids, f"score: segment {i}")
-        order = sorted(range(len(segments)), key=lambda i: len(segments[i].token_ids))
+        order = sorted(range(len(segments)), key=lambda i: segments[i].token_ids)
         results: list[tuple[torch.Tensor, torch.Tensor | None]] = [None] * len(segments)  # type: ignore[list-item]
         chunk: list[int] = []
+        longest = 0
         for i in order:
-            longest = len(segments[i].token_ids)  # sorted: the newest is the longest
+            longest = max(longest, len(segments[i].token_ids))
             if chunk and (len(chunk) + 1) * longest > max_tokens_per_chunk:
                 self._score_chunk(segments, chunk, with_entropy, loss_positions_only, results)
-                chunk = []
+                chunk, longest = [], len(segments[i].token_ids)
             chunk.append(i)
         if chunk:
             self._score_chunk(segments, chunk, with_entropy, loss_positions_only, results)
@@ -415,11 +419,9 @@ class HFPolicy:
         segs = [segments[i] for i in chunk]
         width = max(len(s.token_ids) for s in segs)
         ids = torch.full((len(segs), width), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((len(segs), width), dtype=torch.long)
         for b, s in enumerate(segs):
             ids[b, : len(s.token_ids)] = torch.tensor(s.token_ids)
-            attn[b, : len(s.token_ids)] = 1
-        ids, attn = ids.to(dev), attn.to(dev)
+        ids = ids.to(dev)
         # predict[b, t] is True where the logits at t are needed (they predict token t + 1)
         predict = torch.zeros((len(segs), width), dtype=torch.bool)
         for b, s in enumerate(segs):
@@ -432,15 +434,18 @@ class HFPolicy:
         targets = torch.zeros_like(ids)
         targets[:, :-1] = ids[:, 1:]
 
+        # The flat row of each predicted position's logits (-1 where none is computed).
+        flat_index = torch.full(predict.shape, -1, dtype=torch.long, device=dev)
+        flat_index[predict] = torch.arange(int(predict.sum()), device=dev)
+
         train_mode = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
+        # HF's checkpointed layers run without a KV cache, which prefix sharing needs.
+        plan = _shared_prefixes([s.token_ids for s in segs], predict, share=not train_mode)
         if train_mode:
             self.model.train()
         try:
             with self._ctx():
-                if _MASK_LOGITS_TO_KEEP:
-                    logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=predict).logits
-                else:  # older transformers (the vLLM venv's): every position, then the wanted ones
-                    logits = self.model(input_ids=ids, attention_mask=attn).logits[predict]
+                logits = self._predicted_logits(ids, [len(s.token_ids) for s in segs], predict, flat_index, plan)
         finally:
             if train_mode:
                 self.model.eval()
@@ -448,8 +453,6 @@ class HFPolicy:
         flat_targets = targets[predict]
 
         # The trie mask of constrained segments, on their completion positions only.
-        flat_index = torch.full(predict.shape, -1, dtype=torch.long, device=dev)
-        flat_index[predict] = torch.arange(int(predict.sum()), device=dev)
         rows, cols = [], []
         for b, (i, s) in enumerate(zip(chunk, segs)):
             if s.allowed is None:
@@ -494,6 +497,91 @@ class HFPolicy:
             if ent is not None:
                 e = torch.cat([zero, torch.where(have, ent[safe], torch.zeros_like(safe, dtype=ent.dtype))])
             results[i] = (lp, e)
+
+    def _logits(
+        self, ids: torch.Tensor, attn: torch.Tensor, predict: torch.Tensor, **kw: Any
+    ) -> torch.Tensor:
+        """The logits at the `predict` positions, (num predicted, vocab) in row-major order."""
+        if _MASK_LOGITS_TO_KEEP:
+            return self.model(input_ids=ids, attention_mask=attn, logits_to_keep=predict, **kw).logits
+        # older transformers (the vLLM venv's): every position, then the wanted ones
+        return self.model(input_ids=ids, attention_mask=attn, **kw).logits[predict]
+
+    def _predicted_logits(
+        self,
+        ids: torch.Tensor,
+        lengths: list[int],
+        predict: torch.Tensor,
+        flat_index: torch.Tensor,
+        plan: tuple[list[int], list[int], list[list[int]]],
+    ) -> torch.Tensor:
+        """`_logits` of a chunk, with each shared prefix of `plan` run through the model once
+        and the rows batched by length (`_padding_buckets`), not padded to the longest.
+
+        Per-step segments of one episode repeat the system prompt and skill card, and the N
+        extractor samples of a source repeat its whole trajectory prompt (quickstart: 73k
+        tokens per update, 37k of them distinct). A causal model's keys and values at a
+        position depend only on the tokens up to it, so one forward pass over the prefixes
+        gives each row's past; the rows' remaining tokens (their suffixes) then run on top of
+        it, at their true positions. Gradients flow back through the gathered past into the
+        prefix pass, summed over the rows that share it: the loss and its gradient are the
+        same function of the weights as with whole rows, up to float summation order.
+        """
+        dev, pad = self.device, self.pad_token_id
+        starts, owner, groups = plan  # per row: prefix length, prefix index; per prefix: its rows
+        config = self._base_model().config
+        widest = max(starts)
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: every prefix's keys, values
+        if groups:
+            prefix = [starts[rows[0]] for rows in groups]
+            pieces, places = [], []
+            for batch in _padding_buckets(prefix):  # short prefixes are not padded to the longest
+                width = max(prefix[g] for g in batch)
+                pre_ids = torch.full((len(batch), width), pad, dtype=torch.long, device=dev)
+                pre_attn = torch.zeros((len(batch), width), dtype=torch.long, device=dev)
+                for b, g in enumerate(batch):
+                    pre_ids[b, : prefix[g]] = ids[groups[g][0], : prefix[g]]
+                    pre_attn[b, : prefix[g]] = 1
+                past = DynamicCache(config=config)
+                self.model(input_ids=pre_ids, attention_mask=pre_attn, use_cache=True, logits_to_keep=1,
+                           **{self._cache_kw: past})
+                grow = (0, 0, 0, widest - width)  # to the widest prefix; the rows mask what they lack
+                pieces.append([(F.pad(layer.keys, grow), F.pad(layer.values, grow)) for layer in past.layers])
+                places += batch
+            back = torch.tensor(places, device=dev).argsort()  # prefix index -> row of the concatenation
+            kv = [
+                (torch.cat([p[i][0] for p in pieces])[back], torch.cat([p[i][1] for p in pieces])[back])
+                for i in range(len(pieces[0]))
+            ]
+
+        parts, where = [], []
+        suffix = [n - p for n, p in zip(lengths, starts)]
+        for rows in _padding_buckets(suffix):
+            width, past_len = max(suffix[r] for r in rows), max(starts[r] for r in rows)
+            s_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=dev)
+            s_attn = torch.zeros((len(rows), past_len + width), dtype=torch.long, device=dev)
+            s_pos = torch.zeros((len(rows), width), dtype=torch.long, device=dev)
+            s_pred = torch.zeros((len(rows), width), dtype=torch.bool, device=dev)
+            for b, r in enumerate(rows):
+                p, n = starts[r], lengths[r]
+                s_ids[b, : n - p] = ids[r, p:n]
+                s_attn[b, :p] = 1
+                s_attn[b, past_len : past_len + n - p] = 1
+                s_pos[b] = torch.arange(p, p + width, device=dev)
+                s_pred[b, : n - p] = predict[r, p:n]
+                where.append(flat_index[r, p:n][predict[r, p:n]])
+            kw: dict[str, Any] = {"position_ids": s_pos, "use_cache": bool(past_len)}
+            if past_len:
+                pick = torch.tensor([owner[r] for r in rows], device=dev)
+                kw[self._cache_kw] = DynamicCache(
+                    ddp_cache_data=[(k[pick, :, :past_len], v[pick, :, :past_len]) for k, v in kv], config=config
+                )
+            parts.append(self._logits(s_ids, s_attn, s_pred, **kw).reshape(-1, self.vocab_size))
+        logits = torch.cat(parts)
+        position = torch.cat(where)  # the flat row each part's row belongs to
+        inverse = torch.empty_like(position)
+        inverse[position] = torch.arange(len(position), device=dev)
+        return logits[inverse]
 
     # ---- training helpers ---------------------------------------------------------------
 
@@ -545,3 +633,83 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Ten
     u = (u * cum[:, -1:]).clamp(min=torch.finfo(cum.dtype).tiny)  # never land on a zero-probability id
     pick = torch.searchsorted(cum, u).clamp(max=cum.shape[-1] - 1)
     return sorted_i.gather(-1, pick)[:, 0]
+
+
+# Tokens a shared prefix must save before it pays for its own forward call and the padding of
+# the prefix pass; measured on the tiny model (smaller values gained nothing on quickstart).
+_MIN_SHARED_TOKENS = 64
+# A padded batch's fixed cost in tokens (a forward call's overhead on the tiny model, CPU).
+_BATCH_COST_TOKENS = 64
+
+
+def _shared_prefixes(
+    seqs: list[list[int]], predict: torch.Tensor, share: bool = True
+) -> tuple[list[int], list[int], list[list[int]]]:
+    """Which rows share a prefix worth running once, for `HFPolicy._predicted_logits`.
+
+    Returns each row's prefix length (0: none), each row's prefix index, and each prefix's
+    rows; no prefixes without `share` or when none saves `_MIN_SHARED_TOKENS`. A prefix ends
+    before a row's first predicted position, so every logit the caller wants comes from the
+    suffix pass. Rows sorted by their ids put shared prefixes side by side; a dynamic
+    programme then splits that order into runs maximising the tokens saved,
+    (rows - 1) x the run's common prefix, less `_MIN_SHARED_TOKENS` per run.
+    """
+    n = len(seqs)
+    none: tuple[list[int], list[int], list[list[int]]] = ([0] * n, [0] * n, [])
+    if n < 2 or not share:
+        return none
+    has = predict.any(dim=1)
+    first = torch.where(has, predict.float().argmax(dim=1), torch.zeros_like(has, dtype=torch.long)).tolist()
+    order = sorted(range(n), key=lambda i: seqs[i])
+    common = []  # shareable prefix of neighbours in `order`
+    for a, b in zip(order, order[1:]):
+        x, y, cap = seqs[a], seqs[b], min(first[a], first[b])
+        k = 0
+        while k < cap and x[k] == y[k]:
+            k += 1
+        common.append(k)
+    best = [0] * (n + 1)  # best[j]: tokens saved over order[:j]
+    start = [0] * (n + 1)  # where the last run of that optimum begins
+    for j in range(1, n + 1):
+        best[j], start[j] = best[j - 1], j - 1
+        shared = 1 << 62
+        for i in range(j - 2, -1, -1):  # the run order[i:j]
+            shared = min(shared, common[i])
+            if shared == 0:
+                break
+            gain = best[i] + (j - 1 - i) * shared - _MIN_SHARED_TOKENS
+            if gain > best[j]:
+                best[j], start[j] = gain, i
+    if best[n] <= 0:
+        return none
+    starts, owner, groups = [0] * n, [0] * n, []
+    j = n
+    while j > 0:
+        i = start[j]
+        if j - i > 1:
+            rows = order[i:j]
+            for r in rows:
+                starts[r], owner[r] = min(common[i : j - 1]), len(groups)
+            groups.append(rows)
+        j = i
+    return starts, owner, groups
+
+
+def _padding_buckets(lengths: list[int]) -> list[list[int]]:
+    """Rows split into batches so padded tokens plus a per-batch cost are least (sorted by
+    length, an optimal split of that order): rows whose prefix was shared have short
+    suffixes, and padding them to a whole unshared row's length would give the saving back."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    cost = [0] + [1 << 62] * len(order)
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):
+            c = cost[i] + (j - i) * longest + _BATCH_COST_TOKENS
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    buckets, j = [], len(order)
+    while j > 0:
+        buckets.append(order[cut[j] : j])
+        j = cut[j]
+    return buckets[::-1]
