@@ -253,7 +253,9 @@ class PgSkillLibrary(SkillLibrary):
 
     @property
     def _db(self) -> _Connection:  # type: ignore[override]
-        if self._conn is None or self._pid != os.getpid():
+        # A connection the server dropped (a restart, a failover, an idle timeout) is replaced:
+        # a long-running replica heals on its next call instead of failing every one after.
+        if self._conn is None or self._pid != os.getpid() or self._conn.raw.broken:
             try:
                 import psycopg
             except ImportError as e:
