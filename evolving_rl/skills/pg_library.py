@@ -24,6 +24,11 @@ implementation in library.py. What differs, and why:
   stays exact on both: it decides what is stored. The float32 bytes stay the record of truth
   (export, import and the SQLite backend read them), the vector column is derived.
 
+- **Beyond the library.** `migrate(key, migrations)` versions other tables the same way (the
+  service's lifecycle tables, serve/evolver.py), and `try_hold`/`release`/`held` are
+  session-level advisory locks, which the server drops with the session: a replica killed
+  while holding one frees it at once.
+
 A library is named by a libpq URL, `postgresql://user@host:port/dbname`; `open_library`
 picks the backend from the location, so every caller takes either.
 """
@@ -78,6 +83,11 @@ def open_library(location: str | Path, **kw: Any) -> SkillLibrary:
 
 def _redact(url: str) -> str:
     return re.sub(r"//([^:@/]+):[^@/]*@", r"//\1:***@", url)
+
+
+def location_name(location: str | Path) -> str:
+    """How messages, logs and result files name a library: a URL without its password."""
+    return _redact(str(location)) if is_postgres(str(location)) else str(location)
 
 
 class _Cursor:
