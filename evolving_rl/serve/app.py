@@ -35,7 +35,6 @@ import uuid
 from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from evolving_rl import prompts
@@ -207,7 +206,7 @@ class Service:
     """The policy, the embedder, the evolver, live episodes, the batcher and the extraction worker."""
 
     def __init__(self, cfg, policy=None, embedder=None) -> None:
-        from evolving_rl.skills.library import SkillLibrary
+        from evolving_rl.skills.pg_library import open_library
 
         if cfg.rollout.prompt_format != "per_step":
             raise ValueError("serve: rollout.prompt_format must be per_step (a caller-driven episode sends one "
@@ -225,8 +224,7 @@ class Service:
         self.policy_lock = threading.Lock()
         self.embed_lock = threading.Lock()
         self._action_ids = prompts.action_encoder(policy)
-        lib_path = Path(cfg.serve.library)
-        self.evolver = self._evolver(SkillLibrary(lib_path, cfg.library.dedup_threshold))
+        self.evolver = self._evolver(open_library(cfg.serve.library, dedup_threshold=cfg.library.dedup_threshold))
         self.sessions: dict[str, _Session] = {}
         self.metrics = _Metrics()
         self.limiter = RateLimiter(cfg.serve.rate_per_s, cfg.serve.rate_burst)
@@ -267,16 +265,17 @@ class Service:
     # -- extraction worker -----------------------------------------------------------------
 
     def _extract_loop(self) -> None:
-        from evolving_rl.skills.library import SkillLibrary
+        from evolving_rl.skills.pg_library import open_library
 
-        # SQLite connections belong to one thread: the worker has its own on the same file.
-        ev = self._evolver(SkillLibrary(self.cfg.serve.library, self.cfg.library.dedup_threshold))
+        # SQLite connections belong to one thread: the worker has its own on the same library
+        # (on PostgreSQL its own session, which holds the episode it extracts: evolver.claim).
+        ev = self._evolver(open_library(self.cfg.serve.library, dedup_threshold=self.cfg.library.dedup_threshold))
         sampling = self.cfg.rollout.extractor
         if self.cfg.serve.greedy:
             sampling = sampling.model_copy(update={"temperature": 0.0})
         while not self._stop.is_set():
             try:
-                todo = ev.pending(1)
+                todo = ev.claim()
             except Exception:
                 log.exception("reading the episode queue failed")
                 self._stop.wait(1.0)
@@ -284,7 +283,7 @@ class Service:
             if not todo:
                 self._stop.wait(0.2)
                 continue
-            qid, p = todo[0]
+            qid, p = todo
             self.extracting = qid
             try:
                 near = ev.library.retrieve(p["embedding"], 1)
