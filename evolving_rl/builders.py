@@ -20,18 +20,42 @@ def build_suite(cfg):
 def build_policy(cfg, *, path: str | None = None, device=None, generation: bool = True, training: bool = False):
     """The trainable policy from `model` (or from `path`, e.g. a checkpoint's model directory).
     `generation=False`: a policy that only scores (a reference), never a second vLLM engine.
-    `training=True` (train, SFT): refuses `model.backend: openai`, whose weights are on a server."""
+    `training=True` (train, SFT): refuses `model.backend: openai`, whose weights are on a server,
+    and a separate `extractor_model`: Evolving-RL trains one policy in both roles."""
+    if training and cfg.extractor_model is not None:
+        raise ValueError("extractor_model: training co-trains one policy as solver and extractor (the paper); "
+                         "set extractor_model: null to train, and use it in eval, serve and evolve")
+    model = cfg.model if path is None else cfg.model.model_copy(update={"path": str(path)})
+    if model.backend == "openai" and training:
+        from evolving_rl.policy.openai_policy import refuse_training
+
+        refuse_training(cfg)
+    return _policy(model, "model", device=device, generation=generation)
+
+
+def build_extractor(cfg, solver):
+    """The policy that writes skills: `solver` itself (the paper's one policy in both roles)
+    unless `extractor_model` names another model, e.g. a served one beside local solver weights.
+    Inference only, so eval, serve and evolve call it; training never does."""
+    m = cfg.extractor_model
+    if m is None or m == cfg.model:
+        return solver
+    return _policy(m, "extractor_model", device=None, generation=True)
+
+
+def extractor_name(cfg) -> str:
+    """Who wrote a skill, for its provenance: the extractor's model (skill transfer reads it)."""
+    return (cfg.extractor_model or cfg.model).path
+
+
+def _policy(model, section: str, *, device, generation: bool):
+    """One policy from one model section (`section` names it in errors)."""
     from evolving_rl.policy.hf import HFPolicy
 
-    model = cfg.model if path is None else cfg.model.model_copy(update={"path": str(path)})
     if model.backend == "openai":
-        if training:
-            from evolving_rl.policy.openai_policy import refuse_training
-
-            refuse_training(cfg)
         from evolving_rl.policy.openai_policy import OpenAIPolicy
 
-        return OpenAIPolicy(model)
+        return OpenAIPolicy(model, section=section)
     cls = HFPolicy
     if model.backend == "vllm" and generation:
         from evolving_rl.policy.vllm_policy import VLLMPolicy

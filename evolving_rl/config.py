@@ -375,6 +375,13 @@ class RunConfig(_Strict):
     env: EnvConfig = Field(default_factory=EnvConfig)
     games: GamesConfig = Field(default_factory=GamesConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    extractor_model: ModelConfig | None = Field(
+        None,
+        description="The extractor's own model for eval, serve and evolve (inference only), e.g. solve with local "
+        "weights and extract with a served model (backend openai), or the reverse. null: `model` is both solver and "
+        "extractor, as in the paper; training always co-trains that one policy and refuses a separate extractor. "
+        "Every field is its own (nothing is inherited from `model`); `path` is required.",
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
@@ -401,6 +408,19 @@ class RunConfig(_Strict):
             for s in splits:
                 if self.env.name == "alfworld" and s not in SPLITS:
                     raise ValueError(f"{field_name}: unknown split {s!r}; allowed: {', '.join(SPLITS)}")
+        for section, m in (("model", self.model), ("extractor_model", self.extractor_model)):
+            if m is not None and m.backend == "openai" and not m.base_url:
+                raise ValueError(f"{section}.base_url: missing; {section}.backend: openai needs the server's API root, "
+                                 "e.g. http://127.0.0.1:8000/v1")
+        if self.extractor_model is not None and "path" not in self.extractor_model.model_fields_set:
+            raise ValueError("extractor_model.path: missing; name the extractor's model directory (backend openai: a "
+                             "local copy of the served model's tokenizer), or set extractor_model: null to extract "
+                             "with `model`")
+        if (self.library.path or "").startswith(("postgresql://", "postgres://")):
+            raise ValueError("library.path: training keeps its skill bank in a SQLite file, which every checkpoint "
+                             "snapshots and a resume rolls back (a shared database cannot be rolled back for one run); "
+                             "give a file path, and copy the bank into PostgreSQL afterwards with `evolving-rl skills "
+                             "export BANK bank.jsonl` and `evolving-rl skills import postgresql://... bank.jsonl`")
         r = self.rollout
         if not r.list_admissible and not (r.constrain_to_admissible and r.prompt_format == "per_step"):
             raise ValueError("rollout.list_admissible: false works only with rollout.prompt_format: per_step and "

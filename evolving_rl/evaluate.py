@@ -9,10 +9,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evolving_rl.common import check_no_overlap, snapshot_sqlite, wilson
+from evolving_rl.common import check_no_overlap, wilson
 from evolving_rl.config import SamplingConfig
 from evolving_rl.extraction import extract_skills
 from evolving_rl.rollout import Job, Rollout
+from evolving_rl.skills.pg_library import is_postgres, location_name, open_library
 from evolving_rl.types import Episode, Task
 
 
@@ -192,12 +193,16 @@ def episode_record(ep: Episode, protocol: str, repeat: int, meta: dict | None = 
 class Evaluator:
     """Runs the configured protocols on fixed splits and writes eval/<tag>.json + episodes."""
 
-    def __init__(self, cfg, suite, rollout: Rollout, policy, out_dir, console_print=print, *, bank=None):
+    def __init__(self, cfg, suite, rollout: Rollout, policy, out_dir, console_print=print, *, bank=None,
+                 extractor=None):
         self.cfg, self.suite, self.rollout, self.policy = cfg, suite, rollout, policy
+        # who writes the one_shot and library skills: the solver itself unless `extractor_model`
+        # names another model (builders.build_extractor)
+        self.extractor = policy if extractor is None else extractor
         self.out_dir = Path(out_dir)
         # The skill bank the `library` protocol starts from (a run's shipped skills.sqlite, or
         # another model's for skill transfer). Never written: each evaluation plays on a copy.
-        self.bank = Path(bank) if bank else None
+        self.bank = (str(bank) if is_postgres(str(bank)) else Path(bank)) if bank else None
         self.say = console_print
         self._index = None
         self._embedder = None
@@ -225,6 +230,8 @@ class Evaluator:
 
     def run(self, tag: str, step: int, *, protocols=None, repeats: int | None = None, cap: int | None = None,
             learn: bool = True) -> list[SplitResult]:
+        from evolving_rl.builders import extractor_name
+
         cfg = self.cfg
         protocols = protocols or cfg.eval.protocols
         repeats = repeats or cfg.eval.repeats
@@ -245,21 +252,21 @@ class Evaluator:
                     for i, ep in enumerate(r.episodes):
                         records.append(episode_record(ep, proto, i // max(1, len(tasks))))
                 elif proto == "one_shot":
-                    r, used = run_one_shot(self.rollout, self.policy, split, tasks, self.experience_index(), sampling,
+                    r, used = run_one_shot(self.rollout, self.extractor, split, tasks, self.experience_index(), sampling,
                                            extract, repeats, cfg.eval.seed, **lim)
                     for ep, u in zip(r.episodes, used):
                         records.append(episode_record(ep, proto, u["repeat"], {k: v for k, v in u.items() if k != "card"}))
                 else:
                     lib = self.library_copy(tag, split)
-                    r, log = run_library(self.rollout, self.policy, split, tasks, lib, self.embedder(), sampling, extract,
-                                         evolve=cfg.evolve, wave=cfg.eval.library_wave, seed=cfg.eval.seed,
-                                         model_name=cfg.model.path, learn=learn, **lim)
+                    r, log = run_library(self.rollout, self.extractor, split, tasks, lib, self.embedder(), sampling,
+                                         extract, evolve=cfg.evolve, wave=cfg.eval.library_wave, seed=cfg.eval.seed,
+                                         model_name=extractor_name(cfg), learn=learn, **lim)
                     # The guardrail retired these against their own no-skill control during the stream.
                     retired = [c["skill_id"] for row in log for c in row["status_changes"] if c["status"] == "retired"]
                     lib.close()
                     extras[f"library_stream_{split}"] = {"log": log, "rolling_success": stream_curve(log),
                                                          "retired": retired, "library": lib.path.name,
-                                                         "started_from": str(self.bank) if self.bank else None}
+                                                         "started_from": location_name(self.bank) if self.bank else None}
                     for ep, entry in zip(r.episodes, log):
                         records.append(episode_record(ep, proto, 0, {"position": entry["position"], "arm": entry["arm"],
                                                                      "skills_used": entry["skills_used"]}))
@@ -279,9 +286,11 @@ class Evaluator:
         path = self.out_dir / "eval" / f"{tag}_{split}_skills.sqlite"
         for suffix in ("", "-wal", "-shm"):
             Path(str(path) + suffix).unlink(missing_ok=True)
-        if self.bank is not None and self.bank.is_file():
+        if self.bank is not None and (isinstance(self.bank, str) or self.bank.is_file()):
             check_bank_no_overlap(self.bank, {s: self.suite.tasks(s) for s in self.cfg.eval.splits})
-            snapshot_sqlite(self.bank, path)
+            from evolving_rl.serve.evolver import copy_library
+
+            copy_library(self.bank, path)
         return SkillLibrary(path, self.cfg.library.dedup_threshold)
 
     def write(self, tag: str, step: int, results: list[SplitResult], records: list[dict], extras: dict) -> None:
@@ -305,16 +314,21 @@ def skill_deltas(results: list[SplitResult]) -> dict[str, dict[str, float]]:
     return out
 
 
-def check_bank_no_overlap(bank: Path, eval_sets: dict[str, list[Task]]) -> None:
+def check_bank_no_overlap(bank: str | Path, eval_sets: dict[str, list[Task]]) -> None:
     """Refuse a skill bank that holds skills extracted from evaluation tasks (their provenance's
     `source_task_id`): evaluating with them would score tasks the bank has already seen."""
     import sqlite3
 
-    try:
-        with sqlite3.connect(f"file:{bank}?mode=ro", uri=True) as db:
-            rows = db.execute("SELECT id, provenance FROM skills").fetchall()
-    except sqlite3.Error as e:
-        raise ValueError(f"skill bank {bank}: not a readable skill library ({e})") from None
+    if is_postgres(str(bank)):
+        with open_library(str(bank), mode="read") as lib:  # ValueError names it when unreachable
+            rows = lib._db.execute("SELECT id, provenance FROM skills").fetchall()
+        bank = location_name(bank)
+    else:
+        try:
+            with sqlite3.connect(f"file:{bank}?mode=ro", uri=True) as db:
+                rows = db.execute("SELECT id, provenance FROM skills").fetchall()
+        except sqlite3.Error as e:
+            raise ValueError(f"skill bank {bank}: not a readable skill library ({e})") from None
     sources: dict[str, list[int]] = {}
     for sid, prov in rows:
         try:
@@ -359,18 +373,19 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
     modified. A library holding skills extracted from the evaluated tasks is refused. Without
     `skills`, a bank already in `out_dir` (a training run's skills.sqlite) is the start.
     """
-    from evolving_rl.builders import build_policy, build_pool, build_rollout, build_suite
+    from evolving_rl.builders import build_extractor, build_policy, build_pool, build_rollout, build_suite
     from evolving_rl.common import prompt_mismatch
 
     out = Path(out_dir)
     suite = build_suite(cfg)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
     policy = build_policy(cfg)
+    extractor = build_extractor(cfg, policy)
     if warn := prompt_mismatch(cfg, checkpoint):
         console_print(f"warning: {warn}")
     if skills:
-        src = Path(skills)
-        if not src.is_file():
+        src = skills if is_postgres(skills) else Path(skills)
+        if isinstance(src, Path) and not src.is_file():
             raise FileNotFoundError(f"--skills: no skill library at {src}")
         check_bank_no_overlap(src, {s: suite.tasks(s) for s in cfg.eval.splits})
         protocols = protocols or ["library"]
@@ -378,7 +393,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
         rollout = build_rollout(cfg, policy, pool)
         # Without --skills, a run directory's own shipped bank is where the library protocol starts.
         bank = skills or (out / "skills.sqlite" if (out / "skills.sqlite").is_file() else None)
-        ev = Evaluator(cfg, suite, rollout, policy, out, console_print, bank=bank)
+        ev = Evaluator(cfg, suite, rollout, policy, out, console_print, bank=bank, extractor=extractor)
         results = ev.run(tag, 0, protocols=protocols, learn=(learn if learn is not None else skills is None))
     console_print(format_table(results, f"{checkpoint} ({tag})"))
     return results

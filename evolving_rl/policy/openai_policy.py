@@ -1,5 +1,6 @@
 """Any served model as solver and/or extractor: OpenAI-compatible chat completions (issue 18;
-`model.backend: openai`). vLLM, SGLang, llama.cpp and Ollama servers all speak this API.
+`model.backend: openai` for both roles, `extractor_model.backend: openai` for the extractor
+alone, builders.build_extractor). vLLM, SGLang, llama.cpp and Ollama servers all speak this API.
 
 Inference only: the weights live on the server, so there is nothing to step and `score`
 cannot re-score ids under the policy; training refuses this backend (`refuse_training`).
@@ -40,11 +41,17 @@ from typing import Any
 
 import torch
 
-from evolving_rl.policy.base import Generation
+from evolving_rl.policy.base import Generation, row_seeds
 
 
 class OpenAIEndpointError(RuntimeError):
-    """The server could not be reached or answered badly; the message names base_url."""
+    """The server could not be reached or answered badly; the message names base_url.
+    `transient`: the last try failed on the connection, a timeout, a 429 or a 5xx, so the same
+    request may succeed later (the service keeps such an episode queued instead of failing it)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def refuse_training(cfg: Any) -> None:
@@ -59,10 +66,12 @@ def refuse_training(cfg: Any) -> None:
 class OpenAIPolicy:
     """A `Policy` whose `generate` calls an OpenAI-compatible server (see the module docstring)."""
 
-    def __init__(self, cfg: Any, *, tokenizer: Any = None) -> None:
+    def __init__(self, cfg: Any, *, tokenizer: Any = None, section: str = "model") -> None:
+        # `section`: the config section `cfg` came from (model, extractor_model), named in errors
         if not cfg.base_url:
-            raise ValueError("model.backend: openai needs model.base_url (e.g. http://127.0.0.1:8000/v1)")
+            raise ValueError(f"{section}.backend: openai needs {section}.base_url (e.g. http://127.0.0.1:8000/v1)")
         self.cfg = cfg
+        self.section = section
         self.base_url = cfg.base_url.rstrip("/")
         self.served_model = cfg.served_model or str(cfg.path)
         self.api_key = None
@@ -70,7 +79,7 @@ class OpenAIPolicy:
             self.api_key = os.environ.get(cfg.api_key_env)
             if not self.api_key:
                 raise ValueError(
-                    f"model.api_key_env={cfg.api_key_env!r}: that environment variable is unset or empty; "
+                    f"{section}.api_key_env={cfg.api_key_env!r}: that environment variable is unset or empty; "
                     "export it (the key never goes in the config file)"
                 )
         if tokenizer is None:
@@ -79,14 +88,14 @@ class OpenAIPolicy:
             path = Path(cfg.path)
             if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
                 raise ValueError(
-                    f"model.path={cfg.path!r}: backend openai needs a local copy of the served model's "
+                    f"{section}.path={cfg.path!r}: backend openai needs a local copy of the served model's "
                     "tokenizer there (tokenizer.json / tokenizer_config.json) to count and encode prompts"
                 )
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer = tokenizer
         eos = tokenizer.eos_token_id
         if eos is None:
-            raise ValueError(f"model.path={cfg.path!r}: the tokenizer defines no eos_token")
+            raise ValueError(f"{section}.path={cfg.path!r}: the tokenizer defines no eos_token")
         self.eos_token_id = int(eos)
         self.eos_token_ids = {self.eos_token_id}
         pad = tokenizer.pad_token_id
@@ -138,7 +147,7 @@ class OpenAIPolicy:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(body).encode()
-        last = ""
+        last, transient = "", False
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 time.sleep(min(30.0, self.cfg.retry_backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
@@ -150,15 +159,17 @@ class OpenAIPolicy:
             except urllib.error.HTTPError as e:
                 detail = e.read()[:500].decode(errors="replace")
                 last = f"HTTP {e.code}: {detail}"
-                if e.code != 429 and e.code < 500:
+                transient = e.code == 429 or e.code >= 500
+                if not transient:
                     break
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                last, transient = f"{type(e).__name__}: {getattr(e, 'reason', e)}", True
             except json.JSONDecodeError:
-                last = "the reply is not JSON"
+                last, transient = "the reply is not JSON", False
         raise OpenAIEndpointError(
-            f"model.base_url={self.base_url!r}: POST {route} failed after {attempt + 1} attempt(s): {last}. "
-            "Check that the server is up, that model.served_model names a model it serves, and the API key"
+            f"{self.section}.base_url={self.base_url!r}: POST {route} failed after {attempt + 1} attempt(s): {last}. "
+            f"Check that the server is up, that {self.section}.served_model names a model it serves, and the API key",
+            transient=transient,
         )
 
     # ---- generation ---------------------------------------------------------------------
@@ -172,14 +183,14 @@ class OpenAIPolicy:
         max_new_tokens: int,
         stop: list[str] | None = None,
         allowed: list[list[list[int]] | None] | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[Generation]:
         if allowed is not None and len(allowed) != len(prompts):
             raise ValueError(f"generate: {len(allowed)} allowed lists for {len(prompts)} prompts")
         rows = allowed or [None] * len(prompts)
+        seeds = [None] * len(prompts) if seed is None else [s % (2**31) for s in row_seeds(seed, len(prompts))]
         futures = [
-            self._pool.submit(self._one, list(p), a, temperature, top_p, max_new_tokens, stop,
-                              None if seed is None else (seed * 1_000_003 + i) % (2**31))
+            self._pool.submit(self._one, list(p), a, temperature, top_p, max_new_tokens, stop, seeds[i])
             for i, (p, a) in enumerate(zip(prompts, rows))
         ]
         return [f.result() for f in futures]
@@ -224,7 +235,7 @@ class OpenAIPolicy:
             reason = c.get("finish_reason") or "stop"
         except (KeyError, IndexError, TypeError):
             raise OpenAIEndpointError(
-                f"model.base_url={self.base_url!r}: the reply has no choices[0] text: {json.dumps(out)[:300]}"
+                f"{self.section}.base_url={self.base_url!r}: the reply has no choices[0] text: {json.dumps(out)[:300]}"
             ) from None
         matched = c.get("stop_reason")  # vLLM/SGLang: the stop string that ended it (None for EOS)
         if isinstance(matched, str) and matched in stop and not text.endswith(matched):
