@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from evolving_rl import prompts
+from evolving_rl.builders import extractor_name
 from evolving_rl.serve.evolver import Decision, SkillEvolver, SkillRejected, extract_into
 from evolving_rl.types import Episode, Task, Turn
 
@@ -203,25 +204,34 @@ class _Batcher:
 
 
 class Service:
-    """The policy, the embedder, the evolver, live episodes, the batcher and the extraction worker."""
+    """The policy, the embedder, the evolver, live episodes, the batcher and the extraction worker.
 
-    def __init__(self, cfg, policy=None, embedder=None) -> None:
+    `policy` is the solver; `extractor` writes the skills, the solver itself unless
+    `extractor_model` names another model (e.g. a served one beside local solver weights)."""
+
+    def __init__(self, cfg, policy=None, embedder=None, extractor=None) -> None:
         from evolving_rl.skills.pg_library import open_library
 
         if cfg.rollout.prompt_format != "per_step":
             raise ValueError("serve: rollout.prompt_format must be per_step (a caller-driven episode sends one "
                              "observation per request; the growing multi_turn sequence is not kept)")
         self.cfg = cfg
-        if policy is None:
-            from evolving_rl.builders import build_policy
+        from evolving_rl.builders import build_extractor, build_policy
 
+        if policy is None:
             policy = build_policy(cfg)
+        if extractor is None:
+            extractor = build_extractor(cfg, policy)
         if embedder is None:
             from evolving_rl.retrieval import make_embedder
 
             embedder = make_embedder(cfg.retrieval.embedder)
         self.policy, self.embedder = policy, embedder
         self.policy_lock = threading.Lock()
+        self.extractor = extractor
+        # one policy in both roles: extraction waits for the batcher's call (a local model is not
+        # thread-safe); a separate extractor runs beside the solver
+        self.extractor_lock = self.policy_lock if extractor is policy else threading.Lock()
         self.embed_lock = threading.Lock()
         self._action_ids = prompts.action_encoder(policy)
         self.evolver = self._evolver(open_library(cfg.serve.library, dedup_threshold=cfg.library.dedup_threshold))
@@ -229,6 +239,7 @@ class Service:
         self.metrics = _Metrics()
         self.limiter = RateLimiter(cfg.serve.rate_per_s, cfg.serve.rate_burst)
         self.extracting: int | None = None
+        self.extractor_error: str | None = None  # while a served extractor is unreachable: why
         self.started = time.time()
         self.batcher = _Batcher(self)
         self._stop = threading.Event()
@@ -273,9 +284,10 @@ class Service:
         sampling = self.cfg.rollout.extractor
         if self.cfg.serve.greedy:
             sampling = sampling.model_copy(update={"temperature": 0.0})
+        held, outages = None, 0  # an episode waiting for the extractor's server to come back
         while not self._stop.is_set():
             try:
-                todo = ev.claim()
+                todo = held or ev.claim()
             except Exception:
                 log.exception("reading the episode queue failed")
                 self._stop.wait(1.0)
@@ -283,7 +295,7 @@ class Service:
             if not todo:
                 self._stop.wait(0.2)
                 continue
-            qid, p = todo
+            (qid, p), held = todo, None
             self.extracting = qid
             try:
                 near = ev.library.retrieve(p["embedding"], 1)
@@ -294,14 +306,25 @@ class Service:
                     self.metrics.inc("evolving_rl_extractions_total", result="duplicate_skipped")
                     continue
                 ep = _episode(p)
-                with self.policy_lock:
-                    res = extract_into(ev, self.policy, [ep], [p["embedding"]], [{
-                        "source_task_id": ep.task.id, "model": self.cfg.model.path, "success": ep.won,
+                with self.extractor_lock:
+                    res = extract_into(ev, self.extractor, [ep], [p["embedding"]], [{
+                        "source_task_id": ep.task.id, "model": extractor_name(self.cfg), "success": ep.won,
                         "trajectory_ref": f"episode_queue:{qid}"}], sampling,
                         max_trajectory_chars=self.cfg.evolving.max_trajectory_chars, seed=qid)[0]
                 ev.finish_queued(qid, res)
+                outages, self.extractor_error = 0, None
                 self.metrics.inc("evolving_rl_extractions_total", result="admitted" if res["skill_id"] else "rejected")
-            except Exception as e:  # a payload that can never be extracted must not block the queue
+            except Exception as e:
+                if getattr(e, "transient", False):
+                    # a served extractor that is down or overloaded: the episode is nobody's fault, so
+                    # it stays queued (held by this worker, in order) and is retried after a pause
+                    # that grows while the outage lasts, never marked failed
+                    held, outages, self.extractor_error = todo, outages + 1, str(e)[:500]
+                    log.warning("extractor unavailable, queued episode %s kept: %s", qid, e)
+                    self.metrics.inc("evolving_rl_extractions_total", result="extractor_unavailable")
+                    self._stop.wait(min(60.0, 2.0 ** outages))
+                    continue
+                # a payload that can never be extracted must not block the queue
                 log.exception("extraction of queued episode %s failed", qid)
                 ev.finish_queued(qid, {"skill_id": None, "error": f"{type(e).__name__}: {e}"[:500]}, failed=True)
                 self.metrics.inc("evolving_rl_extractions_total", result="error")
@@ -550,9 +573,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/healthz")
     async def health():
-        return {"status": "ok", "model": cfg.model.path, "library": str(service.evolver.path),
+        return {"status": "ok", "model": cfg.model.path, "extractor": extractor_name(cfg),
+                "library": str(service.evolver.path),
                 "library_version": service.evolver.current_version(), "skills": service.evolver.counts(),
                 "queue": service.evolver.queue_counts(), "extracting": service.extracting,
+                "extractor_error": service.extractor_error,
                 "live_episodes": len(service.sessions), "uptime_s": round(time.time() - service.started, 1)}
 
     @app.get("/metrics")
@@ -605,7 +630,8 @@ def serve(cfg, *, say=print) -> None:
         f"; {service.evolver.queue_counts()['pending']} ended episodes waiting for extraction")
     if len(os.environ.get(cfg.serve.admin_token_env, "")) < 16:
         say(f"${cfg.serve.admin_token_env} is not set (16+ characters): library changes over HTTP are refused")
-    say(f"serving {cfg.model.path} on http://{cfg.serve.host}:{cfg.serve.port}")
+    say(f"serving {cfg.model.path} on http://{cfg.serve.host}:{cfg.serve.port}" +
+        (f"; skills extracted by {extractor_name(cfg)} ({cfg.extractor_model.backend})" if cfg.extractor_model else ""))
     try:
         uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", access_log=False)
     finally:
