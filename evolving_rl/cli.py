@@ -227,7 +227,8 @@ def eval_cmd(
     out: Path = typer.Option(None, "--out", help="Where eval/<tag>.json goes (default: run_dir)."),
     tag: str = typer.Option("eval", "--tag"),
     protocol: list[str] = typer.Option(None, "--protocol", help="no_skill | one_shot | library (repeatable)."),
-    skills: Path = typer.Option(None, "--skills", help="A skill library built by another policy (transfer)."),
+    skills: str = typer.Option(None, "--skills", help="A skill library built by another policy (transfer): a file "
+                               "or postgresql://..."),
     learn: bool = typer.Option(None, "--learn/--no-learn", help="library: keep adding skills (default: only without --skills)."),
 ):
     """Evaluate a checkpoint on fixed splits, seeds and repeats; JSON + a printed table."""

@@ -376,3 +376,34 @@ def test_a_replica_reconnects_after_the_server_drops_it(pg_url):
     assert ev.arm_stats() == {"none": {"episodes": 2, "wins": 1.0}}
     assert ev.library._db.raw.info.backend_pid != pid
     ev.close()
+
+
+@pytest.mark.slow
+def test_eval_starts_from_a_postgres_skill_bank(pg_url, games_dir, demos_path, tiny_model, tmp_path, make_config):
+    """`eval --skills postgresql://...`: the library protocol plays on its own SQLite copy of the
+    bank (the bank is never written) and the result file names the bank without its password."""
+    from evolving_rl.evaluate import evaluate_checkpoint
+    from evolving_rl.retrieval import make_embedder
+    from evolving_rl.sft import load_demos
+    from evolving_rl.skills.pg_library import open_library
+    from evolving_rl.skills.skill import render_card, rule_skill_from_demo
+
+    bank = pg_url.replace("postgres@", "postgres:s3cret-pw@")  # the test server trusts localhost: any password
+    emb = make_embedder()
+    with open_library(bank) as lib:
+        for d in load_demos([str(demos_path)]):
+            sk = rule_skill_from_demo(d)
+            lib.add(sk, render_card(sk), emb.embed([d["task"]["description"]])[0],
+                    {"source_task_id": d["task"]["id"], "model": "policy-A", "success": d["won"]})
+        before = [r.to_dict() for r in lib.list(include_retired=True)]
+    cfg = make_config(games_dir, tiny_model, tmp_path, "eval.splits=[eval_seen]", "eval.library_wave=1",
+                      "evolve.control_share=0", "evolve.min_similarity=-1")
+    results = evaluate_checkpoint(cfg, str(tiny_model), tmp_path, tag="pg", skills=bank)
+    assert [r.protocol for r in results] == ["library"]
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "pg_episodes.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and [r["skill_meta"]["arm"] for r in rows] == ["trial", "trial"]  # the bank's skills
+    payload = (tmp_path / "eval" / "pg.json").read_text()
+    assert "s3cret-pw" not in payload and json.loads(payload)["library_stream_eval_seen"]["started_from"] == \
+        pg_url.replace("postgres@", "postgres:***@")
+    with open_library(pg_url, mode="read") as lib:
+        assert [r.to_dict() for r in lib.list(include_retired=True)] == before  # uses counted in the copy only
