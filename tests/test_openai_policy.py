@@ -172,19 +172,71 @@ def test_prompt_without_messages_goes_through_completions(policy):
     assert all(math.isfinite(lp) for lp in g.logprobs)
 
 
-def test_evolve_episodes_run_through_the_server(server, games_dir, tmp_path):
-    from evolving_rl.serve.evolver import run_evolve
+def _chat_calls(server) -> int:
+    return server["log"].read_text().count("POST /v1/chat/completions")
 
-    log_before = server["log"].read_text().count("POST /v1/chat/completions")
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", [
-        f"env.games_dir={games_dir}", "env.num_workers=1", "env.max_steps=8", "model.backend=openai",
-        f"model.base_url={server['url']}", f"model.served_model={SERVED}", f"model.path={CHECKPOINT}",
-        "rollout.extractor.max_new_tokens=128", "evolve.wave=2",
-    ])
-    summary = run_evolve(cfg, "eval_seen", library=tmp_path / "skills.sqlite", max_tasks=2, out=tmp_path, say=lambda *_: None)
-    assert summary["episodes"] == 2
-    assert not any(row["failed"] for row in summary["log"]), summary["log"]
-    calls = server["log"].read_text().count("POST /v1/chat/completions") - log_before
-    # at least one solver step per episode and one extraction per episode went to the server
-    assert calls >= 2 + 2, calls
-    assert json.loads((tmp_path / "evolve_eval_seen.json").read_text())["episodes"] == 2
+
+def _quickstart(games_dir, tmp_path, *more: str):
+    return load_config(REPO / "configs" / "quickstart.yaml", [
+        f"env.games_dir={games_dir}", "env.num_workers=1", "env.max_steps=8", f"model.path={CHECKPOINT}",
+        f"retrieval.cache_dir={tmp_path / 'emb'}", *more])
+
+
+@pytest.mark.parametrize("roles", ["both_served", "served_extractor"])
+def test_evolve_through_the_server_skills_enter_the_lifecycle(server, games_dir, tmp_path, roles):
+    """`evolve` with the solver and the extractor served (one OpenAI-compatible policy), and with
+    the solver on local weights and only the extractor served (extractor_model): the skills the
+    served extractor writes are admitted quarantined, and the next wave tries them against the
+    no-skill control (every live skill matches every task here: min_similarity -1)."""
+    from evolving_rl.serve.evolver import SkillEvolver, run_evolve
+
+    served = [f"base_url={server['url']}", f"served_model={SERVED}", f"path={CHECKPOINT}", "backend=openai"]
+    section = "model" if roles == "both_served" else "extractor_model"
+    cfg = _quickstart(games_dir, tmp_path, *[f"{section}.{kv}" for kv in served], "evolve.wave=2",
+                      "evolve.min_similarity=-1", "evolve.control_share=0.5")
+    before = _chat_calls(server)
+    summary = run_evolve(cfg, "eval_seen", library=tmp_path / "skills.sqlite", max_tasks=4, out=tmp_path,
+                         say=lambda *_: None)
+    log = summary["log"]
+    assert summary["episodes"] == 4 and not any(row["failed"] for row in log), log
+    calls = _chat_calls(server) - before
+    if roles == "served_extractor":
+        assert calls == 4  # the solver played on local weights: the server wrote exactly the 4 skills
+    else:
+        assert calls >= 4 + 4  # at least one action per episode and one extraction per episode
+    first, second = log[:2], log[2:]
+    admitted = [row["skill_added"] for row in first if row["skill_added"] is not None]
+    assert admitted, [row["rejected"] for row in first]  # the served extractor's skills passed the audit
+    assert all(row["arm"] in ("trial", "control") for row in second), second  # quarantined skills under test
+    ev = SkillEvolver(tmp_path / "skills.sqlite", cfg.evolve)
+    try:
+        skills = {s["id"]: s for s in ev.skills()}
+        assert set(admitted) <= set(skills) and all(skills[i]["status"] == "quarantined" for i in admitted)
+        assert sum(s["uses"] for s in skills.values()) == sum(row["arm"] == "trial" for row in second)
+        assert sum(s["ctrl_uses"] for s in skills.values()) == sum(len(row["credited"]) for row in second)
+        adds = [e for e in ev.audit_log() if e["action"] == "add"]
+        assert len(adds) == len(skills) and all(e["actor"] == "extractor" for e in adds)
+        assert all(e["detail"]["provenance"]["model"] == str(CHECKPOINT) for e in adds)
+    finally:
+        ev.close()
+    assert summary["extractor"] == str(CHECKPOINT)
+    assert json.loads((tmp_path / "evolve_eval_seen.json").read_text())["episodes"] == 4
+
+
+def test_eval_one_shot_through_the_server(server, games_dir, tmp_path):
+    """`eval`'s one_shot protocol with the served model as solver and extractor: the similar
+    task's episode, its skill and the test episode all go through the server."""
+    from evolving_rl.evaluate import evaluate_checkpoint
+
+    cfg = _quickstart(games_dir, tmp_path, "model.backend=openai", f"model.base_url={server['url']}",
+                      f"model.served_model={SERVED}", "eval.splits=[eval_seen]", "eval.max_tasks=2")
+    before = _chat_calls(server)
+    (res,) = evaluate_checkpoint(cfg, str(CHECKPOINT), tmp_path, tag="served", protocols=["one_shot"],
+                                 console_print=lambda *_: None)
+    assert res.protocol == "one_shot" and res.overall.n == 2
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "served_episodes.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["steps"] >= 1 for r in rows)
+    valid = [r for r in rows if r["skill_meta"]["skill_valid"]]
+    assert valid and all(r["skill_card"] for r in valid), [r["skill_meta"]["skill_reasons"] for r in rows]
+    # the 2 experience episodes (>= 1 action each), 2 extractions and every test action
+    assert _chat_calls(server) - before >= 2 + 2 + sum(r["steps"] for r in rows)
