@@ -415,16 +415,28 @@ class SkillEvolver:
 
     def rollback(self, version: int, *, actor: str, reason: str) -> int:
         """Make the library exactly what it was at `version` (skills, cards, statistics,
-        statuses); recorded as a new version, the audit log kept whole."""
+        statuses); recorded as a new version, the audit log kept whole.
+
+        The usage and outcome counts go back too: each status in a version was decided on that
+        version's counts, so restoring the statuses beside later counts would let the next outcome
+        re-take the very decisions a rollback undoes. The counts it replaces (outcomes since
+        `version`, some never in any version) stay on record in the rollback's audit row
+        (`counts_set_aside`); the per-arm traffic totals (`arm_stats`) are not library state."""
         with self.library._write() as db:
             row = db.execute("SELECT snapshot FROM library_versions WHERE version=?", (int(version),)).fetchone()
             if row is None:
                 raise KeyError(f"library version {version} does not exist")
             snap = json.loads(zlib.decompress(row[0]))
+            counts = "uses, wins, ctrl_uses, ctrl_wins"
+            restored = {int(r[0]): list(r[2:6]) for r in snap["lifecycle"]}
+            set_aside = {str(sid): dict(zip(counts.split(", "), now)) for sid, *now in
+                         db.execute(f"SELECT skill_id, {counts} FROM skill_lifecycle ORDER BY skill_id")
+                         if list(now) != restored.get(int(sid))}
             db.execute("DELETE FROM skills")
             db.execute("DELETE FROM skill_lifecycle")
             _insert_rows(db, [[*r[:4], bytes.fromhex(r[4]), *r[5:]] for r in snap["skills"]], snap["lifecycle"])
-            return self._change(db, actor, "rollback", None, reason, {"to_version": int(version)})
+            return self._change(db, actor, "rollback", None, reason,
+                                {"to_version": int(version), "counts_set_aside": set_aside})
 
     def snapshot(self, version: int | None = None) -> dict:
         """A version's content (the current one by default): skill rows and lifecycle rows."""
