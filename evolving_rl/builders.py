@@ -7,6 +7,8 @@ Training, evaluation, SFT, demos and the benchmarks all build through here, so a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from evolving_rl.common import env_options
 
 
@@ -40,6 +42,9 @@ def build_extractor(cfg, solver):
     m = cfg.extractor_model
     if m is None or m == cfg.model:
         return solver
+    if not Path(m.path).is_dir():
+        raise ValueError(f"extractor_model.path: no directory at {m.path}; name the extractor's model directory "
+                         "(backend openai: a local copy of the served model's tokenizer)")
     return _policy(m, "extractor_model", device=None, generation=True)
 
 

@@ -241,10 +241,12 @@ def eval_cmd(
     if tag in ("", ".", "..") or "/" in tag or "\\" in tag:  # it names eval/<tag>.json: no path may escape
         _fail(f"--tag: {tag!r} must be a plain name (it names eval/<tag>.json), without / or \\")
     _model_files(checkpoint, "--checkpoint")
+    from evolving_rl.policy.openai_policy import OpenAIEndpointError
+
     try:
         evaluate_checkpoint(cfg, checkpoint, out or cfg.run_dir, tag=tag, protocols=protocol or None,
                             skills=str(skills) if skills else None, learn=learn, console_print=console.print)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OpenAIEndpointError) as e:  # the last names the server's base_url
         _fail(str(e))
 
 
@@ -310,6 +312,7 @@ def evolve(
 ):
     """Test-time self-evolution over a task stream on any registered env, with the service's guardrails:
     quarantine, a no-skill control share, promotion/retirement with confidence, audit log, versions."""
+    from evolving_rl.policy.openai_policy import OpenAIEndpointError
     from evolving_rl.serve.evolver import SkillEvolver, run_evolve
 
     cfg = _config(config, overrides)
@@ -327,7 +330,7 @@ def evolve(
                              say=console.print)
         if export is not None:
             console.print(f"{SkillEvolver(lib, cfg.evolve).export(export)} skills -> {export}")
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, OpenAIEndpointError) as e:
         _fail(str(e))
     for arm, a in sorted(summary["arms"].items()):
         console.print(f"{arm:<10} {a['wins']}/{a['episodes']} won")

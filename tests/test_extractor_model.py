@@ -81,13 +81,24 @@ def test_eval_one_shot_extracts_with_the_extractor(games_dir, tmp_path):
 
 
 def test_evolve_extracts_with_the_extractor(games_dir, tmp_path):
-    from evolving_rl.policy.openai_policy import OpenAIEndpointError
-    from evolving_rl.serve.evolver import run_evolve
+    """Through the CLI: an unreachable extractor or a missing extractor directory is one line
+    naming the field, never a traceback."""
+    from typer.testing import CliRunner
+
+    from evolving_rl.cli import app
 
     url = _dead_url()
-    with pytest.raises(OpenAIEndpointError, match=rf"extractor_model\.base_url='{url}'"):
-        run_evolve(_cfg(games_dir, tmp_path, url, "evolve.wave=1"), "eval_seen", library=tmp_path / "skills.sqlite",
-                   max_tasks=1, say=lambda *_: None)
+    base = ["evolve", "-c", str(REPO / "configs" / "quickstart.yaml"), "--split", "eval_seen", "--max-tasks", "1",
+            "--library", str(tmp_path / "skills.sqlite"), f"env.games_dir={games_dir}", "env.num_workers=0",
+            "env.max_steps=3", f"model.path={CHECKPOINT}", "evolve.wave=1", f"run_dir={tmp_path}",
+            f"retrieval.cache_dir={tmp_path / 'emb'}", "extractor_model.backend=openai",
+            f"extractor_model.base_url={url}", "extractor_model.max_retries=0"]
+    for path, named in ((CHECKPOINT, f"extractor_model.base_url='{url}'"),
+                        (tmp_path / "nowhere", "extractor_model.path: no directory")):
+        r = CliRunner().invoke(app, [*base, f"extractor_model.path={path}"])
+        out = " ".join(r.output.split())
+        assert r.exit_code == 2 and isinstance(r.exception, SystemExit | None), (r.exception, out)
+        assert named in out and "Traceback" not in out, out
 
 
 def test_serve_extracts_with_the_extractor(tmp_path):
