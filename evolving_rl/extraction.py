@@ -33,8 +33,10 @@ class Candidate:
 
 
 def extract_skills(policy, episodes: list[Episode], n: int, sampling, *, min_chars: int, max_chars: int,
-                   seed: int | None = None, max_trajectory_chars: int) -> list[Candidate]:
-    """N candidate skills per episode, all in one batched generate call; never raises on bad output."""
+                   seed: int | list[int] | None = None, max_trajectory_chars: int) -> list[Candidate]:
+    """N candidate skills per episode, all in one batched generate call; never raises on bad output.
+
+    `seed`: an int, or one seed per candidate (episode-major), as `policy.generate` takes it."""
     from evolving_rl.skills.skill import audit, parse_skill, render_card
 
     prompt_ids = [policy.encode_chat(prompts.extractor_messages(ep, max_trajectory_chars=max_trajectory_chars)) for ep in episodes]

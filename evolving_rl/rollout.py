@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from evolving_rl import prompts
 from evolving_rl.config import RolloutConfig, SamplingConfig
 from evolving_rl.envs.pool import Pool, answers_per_slot
-from evolving_rl.policy.base import Generation, Policy
+from evolving_rl.policy.base import Generation, Policy, row_seeds
 from evolving_rl.types import Episode, Segment, StepResult, Task, Turn
 
 
@@ -152,8 +152,15 @@ class Rollout:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def run(self, jobs: list[Job], sampling: SamplingConfig, seed: int | None = None, progress=None) -> list[Episode]:
-        """Play every job to the end; returns episodes in the order of `jobs`."""
+    def run(self, jobs: list[Job], sampling: SamplingConfig, seed: int | list[int] | None = None,
+            progress=None) -> list[Episode]:
+        """Play every job to the end; returns episodes in the order of `jobs`.
+
+        Each episode samples from its own stream (`seed` as `policy.base.row_seeds` reads it: an
+        int, or one seed per job), seeded again at each of its turns, so an episode does not
+        depend on which other episodes share the run: a process that plays a shard of a step's
+        jobs, with their seeds, plays exactly the episodes one process plays."""
+        episode_seeds = None if seed is None else row_seeds(seed, len(jobs))
         results: list[Episode | None] = [None] * len(jobs)
         queue = list(range(len(jobs)))
         live: dict[int, _Live] = {}  # job index -> live episode
@@ -165,7 +172,6 @@ class Rollout:
                 f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the model's context "
                 f"({self.policy.max_context_tokens} tokens); lower rollout.solver.max_new_tokens"
             )
-        turn = 0
         while queue or live:
             self._start(jobs, queue, live, free_slots, results)
             if not live:
@@ -190,10 +196,10 @@ class Rollout:
                 max_new_tokens=sampling.max_new_tokens,
                 stop=[prompts.ACTION_STOP],
                 allowed=allowed if any(a is not None for a in allowed) else None,
-                seed=None if seed is None else seed * 100_003 + turn,
+                seed=None if episode_seeds is None else [episode_seeds[j] * 100_003 + len(live[j].episode.turns)
+                                                         for j in order],
             )
             self.stats["policy_s"] += time.perf_counter() - t0
-            turn += 1
             actions = {}
             for j, p, a, g in zip(order, prompt_ids, allowed, gens):
                 actions[j] = self._record_generation(live[j], p, a, g)

@@ -10,6 +10,12 @@ any moment resumes from the last complete one with its curves continuous: metric
 written after that checkpoint are dropped, and the skill bank is rolled back with it so
 replayed steps do not store their skills twice. A checkpoint that cannot be read (a
 truncated file) is skipped for the one before it, saying so.
+
+Several processes (torchrun / `accelerate launch`): every process builds the same run, plays
+its block of each step's episodes (`evolving_rl.distributed`), holds the whole step's samples
+after the step gathers them, and takes the same optimizer step (the updater shards the loss
+and sums the gradients). The first process alone writes: config, metrics, checkpoints, skill
+bank, evaluations; the others resume from what it wrote.
 """
 
 from __future__ import annotations
@@ -127,6 +133,9 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.main = self.accelerator.is_main_process  # the one process that writes and evaluates
+        if not self.main:
+            self.print = lambda x: None
         # LoRA resumes from the base weights plus the saved adapter (trainer.pt), not from the
         # merged model: fresh adapters on merged weights would not match the optimizer state.
         model_path = str(latest / "model") if latest and not cfg.model.lora.enabled else None
@@ -153,8 +162,9 @@ class Trainer:
             self.pool.close()
             raise
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         self.evaluator = Evaluator(cfg, self.suite, self.rollout, self.policy, self.run_dir, self.print,
                                    bank=self.bank_path)
         if resume:
@@ -171,7 +181,7 @@ class Trainer:
         return Path(p) if p else None
 
     def _tensorboard(self):
-        if not self.cfg.train.tensorboard:
+        if not self.cfg.train.tensorboard or not self.main:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -180,7 +190,7 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tb"))
 
     def _wandb(self):
-        if not self.cfg.train.wandb:
+        if not self.cfg.train.wandb or not self.main:
             return None
         try:
             import wandb
@@ -192,6 +202,8 @@ class Trainer:
     # -- logging ---------------------------------------------------------------------------
 
     def log(self, row: dict) -> None:
+        if not self.main:
+            return
         row = {"step": self.step, "time": time.time(), **row}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -208,7 +220,10 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
 
     def evaluate(self, tag: str) -> list:
-        """Periodic evaluations play each task once; the final one uses eval.repeats."""
+        """Periodic evaluations play each task once; the final one uses eval.repeats. The first
+        process evaluates alone (generation needs no other process: each holds whole weights)."""
+        if not self.main:
+            return []
         final = tag == "final"
         cap = self.cfg.eval.max_tasks if final else (self.cfg.train.eval_max_tasks or self.cfg.eval.max_tasks)
         results = self.evaluator.run(tag, self.step, repeats=None if final else 1, cap=cap)
@@ -247,7 +262,8 @@ class Trainer:
                 self.save()
         final = self.evaluate("final")
         # Only now is the run done: a resume after this point must not evaluate (or log) again.
-        self._write_atomic(self.ckpt_dir / "finished", json.dumps({"step": self.step}))
+        if self.main:
+            self._write_atomic(self.ckpt_dir / "finished", json.dumps({"step": self.step}))
         self._print_summary(final)
         return final
 
@@ -285,7 +301,9 @@ class Trainer:
             self.print(f"warning: checkpoint {path} is unusable ({why}); trying an earlier one")
         return None
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.main:  # every process holds the same weights, optimizer state and RNGs
+            return None
         name = f"step_{self.step:06d}"
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / (name + ".tmp")
@@ -330,9 +348,10 @@ class Trainer:
             if self.metrics_path.exists() or (self.bank_path and self.bank_path.exists()):
                 self.print(f"{self.run_dir}: no complete checkpoint to resume from; starting again at step 0 "
                            "(metrics and skills written before are dropped)")
-            self._trim_metrics(keep_through=None)
-            self._restore_bank(None)
-            (self.ckpt_dir / "finished").unlink(missing_ok=True)
+            if self.main:
+                self._trim_metrics(keep_through=None)
+                self._restore_bank(None)
+                (self.ckpt_dir / "finished").unlink(missing_ok=True)
             return
         state = json.loads((path / "state.json").read_text())
         self.step = state["step"]
@@ -348,15 +367,16 @@ class Trainer:
         np.random.set_state(blob["rng"]["numpy"])
         torch.set_rng_state(blob["rng"]["torch"])
         self.algorithm.load_state_dict(blob.get("algorithm", {}))
-        self._restore_bank(path / "skills.sqlite")
         marker = self.ckpt_dir / "finished"
         done = json.loads(marker.read_text()).get("step") if marker.is_file() else None
         final_json = self.run_dir / "eval" / "final.json"
         if done == self.step and self.step >= self.cfg.train.steps and final_json.is_file():
             self.finished = load_results(final_json)
-        else:
-            marker.unlink(missing_ok=True)
-        self._trim_metrics(keep_through=self.step, keep_final=self.finished is not None)
+        if self.main:  # the other processes only read what the first one wrote
+            self._restore_bank(path / "skills.sqlite")
+            if self.finished is None:
+                marker.unlink(missing_ok=True)
+            self._trim_metrics(keep_through=self.step, keep_final=self.finished is not None)
         initial = self.run_dir / "eval" / "initial.json"
         if initial.is_file():
             self.initial = load_results(initial)

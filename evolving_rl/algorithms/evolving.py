@@ -10,7 +10,9 @@ grouped with the N episodes of the *same* downstream task under the N skills, wh
 the solver to exploit good skills and ignore bad ones. One optimizer step over all samples.
 
 All B source episodes run in one rollout, all B x N extractions in one generate call, and all
-B x N x K downstream episodes in one rollout.
+B x N x K downstream episodes in one rollout. Over several processes each plays a block of
+the B sources with everything that follows from them (`evolving_rl.distributed`), and the
+first process alone writes the skill bank.
 
 Engine failures are nobody's signal: a source episode the engine failed gets no extraction
 and no downstream play, and a skill whose downstream episodes all failed in the engine was
@@ -19,16 +21,20 @@ never measured, so it is left out of the extractor's group instead of being scor
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import random
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
 
+from evolving_rl import distributed
 from evolving_rl.algorithms import register
 from evolving_rl.algorithms.base import StepParts
 from evolving_rl.common import episode_samples
 from evolving_rl.extraction import Candidate, extract_skills
+from evolving_rl.policy.base import row_seeds
 from evolving_rl.rollout import Job
 from evolving_rl.types import Sample
 
@@ -85,6 +91,7 @@ class EvolvingStep:
     def collect(self, step: int) -> tuple[list[Sample], dict]:
         cfg = self.cfg
         ev = cfg.evolving
+        N, K, R = ev.num_skills, ev.num_downstream, ev.downstream_repeats
         timing: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -94,35 +101,47 @@ class EvolvingStep:
             timing[f"time/{name}_s"] = now - clock
             clock = now
 
-        # (1) source episodes, no skill
+        # (1) source episodes, no skill. In a multi-process run every process draws the same B
+        # sources and plays its block of them, with everything downstream of them, so each
+        # group is whole on one process; a source is named by its index b among the drawn
+        # ones, and every episode's seed comes from its place in the whole step.
+        rank, world = distributed.process()
         drawn = self.cursor.take(ev.sources_per_step)
-        drawn_eps = self.rollout.run([Job(s) for s in drawn], cfg.rollout.solver, seed=cfg.seed * 7919 + step)
+        mine = list(distributed.block(len(drawn), rank, world))
+        seeds = row_seeds(cfg.seed * 7919 + step, len(drawn))
+        played = self.rollout.run([Job(drawn[b]) for b in mine], cfg.rollout.solver, seed=[seeds[b] for b in mine])
+        src_eps = dict(zip(mine, played))
         # A source the engine failed has no trajectory worth extracting from: it leaves the step.
-        kept = [i for i, e in enumerate(drawn_eps) if not e.failed]
-        sources, src_eps = [drawn[i] for i in kept], [drawn_eps[i] for i in kept]
+        kept = [b for b in mine if not src_eps[b].failed]
         lap("source")
 
         # (2) N candidate skills per source
         cands: list[Candidate] = []
-        if ev.skill_mode != "none":
-            cands = extract_skills(self.policy, src_eps, ev.num_skills, cfg.rollout.extractor, min_chars=ev.min_skill_chars,
-                                   max_chars=ev.max_skill_chars, seed=cfg.seed * 104_729 + step,
+        if ev.skill_mode != "none" and kept:
+            seeds = row_seeds(cfg.seed * 104_729 + step, len(drawn) * N)
+            cands = extract_skills(self.policy, [src_eps[b] for b in kept], N, cfg.rollout.extractor,
+                                   min_chars=ev.min_skill_chars, max_chars=ev.max_skill_chars,
+                                   seed=[seeds[b * N + n] for b in kept for n in range(N)],
                                    max_trajectory_chars=ev.max_trajectory_chars)
+            for c in cands:
+                c.source = kept[c.source]
         lap("extract")
 
         # (3) K downstream tasks per source from the training pool
-        downstream = [self.index.top_k(s, ev.num_downstream, exclusion=ev.exclusion) for s in sources]
+        downstream = {b: self.index.top_k(drawn[b], K, exclusion=ev.exclusion) for b in kept}
         lap("retrieve")
 
         # (4) N x K (x repeats) downstream episodes, all in one rollout
+        cards = self._cards(cands, kept)
+        seeds = row_seeds(cfg.seed * 15_485_863 + step, len(drawn) * N * K * R)
         jobs = []
-        for b in range(len(sources)):
-            for n in range(ev.num_skills):
-                card = self._card_for(cands, b, n)
+        for b in kept:
+            for n in range(N):
                 for k, (task, _sim) in enumerate(downstream[b]):
-                    for r in range(ev.downstream_repeats):
-                        jobs.append(Job(task, card, {"b": b, "n": n, "k": k, "r": r}))
-        down_eps = self.rollout.run(jobs, cfg.rollout.solver, seed=cfg.seed * 15_485_863 + step) if jobs else []
+                    for r in range(R):
+                        g = ((b * N + n) * K + k) * R + r  # the episode's place in the whole step
+                        jobs.append(Job(task, cards.get((b, n)), {"b": b, "n": n, "k": k, "r": r, "g": g}))
+        down_eps = self.rollout.run(jobs, cfg.rollout.solver, seed=[seeds[j.tag["g"]] for j in jobs]) if jobs else []
         lap("downstream")
 
         # Rewards and groups
@@ -132,13 +151,13 @@ class EvolvingStep:
                 wins.setdefault((job.tag["b"], job.tag["n"]), []).append(float(ep.won))
         samples: list[Sample] = []
         if ev.solver.train:
-            for i, (job, ep) in enumerate(zip(jobs, down_eps)):
+            for job, ep in zip(jobs, down_eps):
                 if not ep.failed:
                     g = f"d{step}/{job.tag['b']}/{job.tag['k']}/{job.tag['r']}"
-                    samples += episode_samples(ep, "solver", g, float(ep.won), f"d{step}/e{i}")
+                    samples += episode_samples(ep, "solver", g, float(ep.won), f"d{step}/e{job.tag['g']}")
             if ev.train_on_source:  # a batch-level group: each source task is played once
-                for i, ep in enumerate(src_eps):
-                    samples += episode_samples(ep, "solver", f"src{step}", float(ep.won), f"src{step}/e{i}")
+                for b in kept:
+                    samples += episode_samples(src_eps[b], "solver", f"src{step}", float(src_eps[b].won), f"src{step}/e{b}")
         for c in cands:
             got = wins.get((c.source, c.index), [])
             if c.valid:
@@ -150,12 +169,24 @@ class EvolvingStep:
                 samples.append(Sample(c.segment(), "extractor", f"x{step}/{c.source}", c.reward,
                                       episode=f"x{step}/{c.source}/{c.index}"))
         lap("rewards")
-        persisted = self._persist(step, sources, src_eps, cands)
-        m = self._metrics(drawn_eps, cands, downstream, down_eps, timing)
+        if world > 1:
+            # Every process gets the whole step: the updater takes the same batch everywhere, and the
+            # metrics count every episode. What the metrics and the skill bank need is small (no
+            # token ids beyond the samples'), so episodes and candidates travel light.
+            parts = distributed.gather((samples, {b: _light(e) for b, e in src_eps.items()}, [_light_candidate(c) for c in cands],
+                                        downstream, [_light(e) for e in down_eps]))
+            samples = [s for p in parts for s in p[0]]
+            src_eps = {b: e for p in parts for b, e in p[1].items()}
+            cands = [c for p in parts for c in p[2]]
+            downstream = {b: d for p in parts for b, d in p[3].items()}
+            down_eps = [e for p in parts for e in p[4]]
+        # One writer for the skill bank: the first process (every process holds the same cands).
+        persisted = self._persist(step, drawn, src_eps, cands) if rank == 0 else 0
+        m = self._metrics([src_eps[b] for b in sorted(src_eps)], cands, list(downstream.values()), down_eps, timing)
         m["extractor/skills_persisted"] = persisted
         return samples, m
 
-    def _persist(self, step: int, sources, src_eps, cands: list[Candidate]) -> int:
+    def _persist(self, step: int, drawn, src_eps: dict, cands: list[Candidate]) -> int:
         """Keep each source's best-scoring valid skills in the run's library, so a checkpoint
         ships with a skill bank (library.persist_top per source; skills that helped only).
 
@@ -174,7 +205,8 @@ class EvolvingStep:
             self.library = SkillLibrary(self.library_path, lib_cfg.dedup_threshold)
             self._embedder = make_embedder(self.cfg.retrieval.embedder)
         kept = 0
-        for b, src in enumerate(sources):
+        for b in sorted({c.source for c in cands}):
+            src = drawn[b]
             best = sorted((c for c in cands if c.source == b and c.valid and c.measured and c.reward > 0),
                           key=lambda c: -c.reward)
             vec = None
@@ -192,20 +224,28 @@ class EvolvingStep:
                 kept += 1
         return kept
 
-    def _card_for(self, cands: list[Candidate], b: int, n: int) -> str | None:
-        """The card downstream episodes of (source b, skill n) see; None plays without a skill.
+    def _cards(self, cands: list[Candidate], kept: list[int]) -> dict[tuple[int, int], str | None]:
+        """(source b, skill n) -> the card their downstream episodes see; missing or None plays
+        without a skill.
 
         An invalid candidate's episodes play without a skill: the solver group keeps its size
         and the extractor is scored 0 regardless.
         """
         mode = self.cfg.evolving.skill_mode
-        if mode == "none" or not cands:
-            return None
         if mode == "random":  # a valid skill from another source of this step (an unrelated task)
-            others = [c for c in cands if c.source != b and c.valid]
-            return self.rng.choice(others).card if others else None
-        c = cands[b * self.cfg.evolving.num_skills + n]
-        return c.card if c.valid else None
+            # Every process draws every source's cards in the same order from the valid skills
+            # of all processes, so self.rng stays in step across them and with one process.
+            parts = distributed.gather((kept, [(c.source, c.card) for c in cands if c.valid]))
+            valid = [x for p in parts for x in p[1]]
+            out = {}
+            for b in (b for p in parts for b in p[0]):
+                for n in range(self.cfg.evolving.num_skills):
+                    others = [card for src, card in valid if src != b]
+                    out[b, n] = self.rng.choice(others) if others else None
+            return out
+        if mode == "none":
+            return {}
+        return {(c.source, c.index): c.card if c.valid else None for c in cands}
 
     def _metrics(self, src_eps, cands, downstream, down_eps, timing) -> dict:
         ok_src = [e for e in src_eps if not e.failed]
@@ -247,6 +287,18 @@ class EvolvingStep:
         if self.library is not None:
             self.library.close()
             self.library = None
+
+
+def _light(ep):
+    """An episode without its token ids and turns: what the metrics and the skill bank read."""
+    return dataclasses.replace(ep, turns=[], segments=[], info={}, final_observation="")
+
+
+def _light_candidate(c: Candidate) -> Candidate:
+    """A candidate without its generation and prompt ids (its sample already holds them)."""
+    out = copy.copy(c)
+    out.gen, out.prompt_ids = None, []
+    return out
 
 
 def utility(rec) -> float:

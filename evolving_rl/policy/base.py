@@ -34,6 +34,20 @@ class Generation:
     finish_reason: Literal["stop", "eos", "length"]
 
 
+def row_seeds(seed: int | list[int] | None, n: int) -> list[int]:
+    """One sampling stream per prompt of a `generate` call, so a row's sample depends on its own
+    seed alone, never on its batch-mates: which prompts share the call, or in which order. That
+    is what lets a multi-process run play a shard of a step's episodes and get exactly the
+    episodes one process plays. An int seeds row i with seed * 1_000_003 + i; a list gives each
+    row its own seed (the rollout: one stream per episode and turn); None draws a fresh base."""
+    if isinstance(seed, list):
+        if len(seed) != n:
+            raise ValueError(f"generate: {len(seed)} seeds for {n} prompts (one seed per prompt, or one int)")
+        return [s % 2**63 for s in seed]
+    base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    return [(base * 1_000_003 + i) % 2**63 for i in range(n)]
+
+
 @runtime_checkable
 class Policy(Protocol):
     eos_token_id: int
@@ -69,11 +83,11 @@ class Policy(Protocol):
         max_new_tokens: int,
         stop: list[str] | None = None,
         allowed: list[list[list[int]] | None] | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[Generation]:
         """Sample one completion per prompt, all prompts in one batched decode.
 
-        temperature 0 is greedy. `allowed[i]`, when given, lists the only token sequences
+        temperature 0 is greedy. `seed` is an int or one seed per prompt (`row_seeds`). `allowed[i]`, when given, lists the only token sequences
         prompt i may produce (e.g. each admissible action + "</action>"): decoding follows a
         trie of them and log-probs are normalised over the allowed tokens.
         """

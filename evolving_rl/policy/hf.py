@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, modeling_utils
 
 from evolving_rl.config import ModelConfig
-from evolving_rl.policy.base import Generation
+from evolving_rl.policy.base import Generation, row_seeds
 from evolving_rl.policy.files import check_model_dir
 from evolving_rl.types import Segment
 
@@ -220,7 +220,7 @@ class HFPolicy:
         max_new_tokens: int,
         stop: list[str] | None = None,
         allowed: list[list[list[int]] | None] | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[Generation]:
         """Batched, left-padded, KV-cached decode; see the module docstring for the log-probs."""
         n = len(prompts)
@@ -231,8 +231,11 @@ class HFPolicy:
         # A stop string needs at most 4 tokens per character (byte-level BPE), so decoding this
         # many trailing tokens always sees a stop string the newest token completed.
         tail = 4 * max((len(s) for s in stops), default=0) + 1
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        # One uniform per row and step from the row's own stream (`row_seeds`): a row's sample
+        # depends neither on which other rows share the call nor on which are still decoding.
+        gen = torch.Generator()
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=gen.manual_seed(s))
+                                for s in row_seeds(seed, n)]).to(self.device)
 
         dev = self.device
         lengths = [len(p) for p in prompts]
@@ -271,9 +274,7 @@ class HFPolicy:
             if temperature == 0:
                 tok = logits.argmax(-1)
             else:
-                # one uniform per original row and step: a row's sample does not depend on
-                # which other rows are still in the batch
-                u = torch.rand((n, 1), generator=gen, device=dev)[torch.tensor(rows, device=dev)]
+                u = uniforms[torch.tensor(rows, device=dev), step][:, None]
                 tok = _sample(logits, temperature, top_p, u)
             tok_lp = logp.gather(-1, tok[:, None])[:, 0]
             toks, lps = tok.tolist(), tok_lp.tolist()

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from evolving_rl.policy.base import Generation
+from evolving_rl.policy.base import Generation, row_seeds
 from evolving_rl.policy.hf import HFPolicy, _Trie
 
 _ARG = "evolving_rl_trie"  # SamplingParams.extra_args key naming a request's trie
@@ -214,13 +214,13 @@ class VLLMPolicy(HFPolicy):
         max_new_tokens: int,
         stop: list[str] | None = None,
         allowed: list[list[list[int]] | None] | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[Generation]:
         if not prompts:
             return []
         tries = self._generate_inputs(prompts, temperature, top_p, max_new_tokens, allowed)
         self._sync_if_stale()
-        base = seed if seed is not None else int(torch.randint(0, 2**31, (1,)).item())
+        seeds = row_seeds(seed, len(prompts))
         keys: list[str | None] = []
         params = []
         for i, trie in enumerate(tries):
@@ -239,7 +239,7 @@ class VLLMPolicy(HFPolicy):
                     include_stop_str_in_output=True,
                     stop_token_ids=sorted(self.eos_token_ids),
                     logprobs=0,  # the sampled id's log-prob only
-                    seed=(base * 1_000_003 + i) % (2**31),  # one stream per row: independent of batch-mates
+                    seed=seeds[i] % (2**31),  # one stream per row: independent of batch-mates
                     skip_special_tokens=True,
                     extra_args={_ARG: key} if key else None,
                 )
