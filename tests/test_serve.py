@@ -295,7 +295,8 @@ def test_episodes_become_skills_promoted_or_retired_rollback_and_kill9(server, g
     assert c.get(f"/v1/skills/{sid}").json()["status"] == "quarantined"
     top = c.get("/v1/audit?limit=1").json()["audit_log"][0]
     assert top["action"] == "rollback" and top["actor"].startswith("admin@127.0.0.1")
-    assert top["detail"] == {"to_version": v_before}
+    assert top["detail"]["to_version"] == v_before
+    assert top["detail"]["counts_set_aside"][str(sid)]["uses"] == d["uses"]  # the evidence it undid stays on record
 
     # kill -9 while an ended episode is being extracted: after a restart it is extracted
     while c.get("/healthz").json()["extracting"] is not None or c.get("/healthz").json()["queue"]["pending"]:
