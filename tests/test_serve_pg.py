@@ -11,53 +11,36 @@ only when no server is given: set EVOLVING_RL_TEST_PG (`eval "$(scripts/pg_for_t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from test_serve_evolver import _skill, _vec  # noqa: E402  (the lifecycle tests' skills and vectors)
+from test_library import new_lib  # noqa: F401  (the library tests' backends: SQLite, PostgreSQL, pgvector)
+from test_serve_evolver import _skill, _vec  # the lifecycle tests' skills and vectors
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 32
 
 
-def _new_database(env: str):
-    """A new, empty database on the server named by $env (dropped afterwards, connections and all)."""
-    psycopg = pytest.importorskip("psycopg", reason="PostgreSQL backend: pip install 'evolving-rl[postgres]'")
-    url = os.environ.get(env)
-    if not url:
-        pytest.skip(f'no PostgreSQL server: set {env} (eval "$(scripts/pg_for_tests.sh)" starts one)')
-    try:
-        admin = psycopg.connect(url, autocommit=True, connect_timeout=5)
-    except psycopg.Error as e:
-        pytest.skip(f"no PostgreSQL server reachable at {env} ({e})")
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    admin.execute(f"CREATE DATABASE {name}")
-    yield url.rsplit("/", 1)[0] + "/" + name
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+@pytest.fixture
+def location(new_lib) -> str:
+    """The same library on each backend (test_library's fixture): a SQLite file, PostgreSQL
+    (exact search) or PostgreSQL with pgvector (search in the database)."""
+    return new_lib()
 
 
 @pytest.fixture
-def pg_url():
-    yield from _new_database("EVOLVING_RL_TEST_PG")
+def pg_url(new_lib) -> str:
+    """A new PostgreSQL database; for tests marked `postgres_only`."""
+    return new_lib()
 
 
-@pytest.fixture(params=["sqlite", "postgres", "pgvector"])
-def location(request, tmp_path):
-    """The same library on each backend: a SQLite file, PostgreSQL (exact search) or PostgreSQL
-    with pgvector (search in the database; rolled-back rows get their vectors back)."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "skills.sqlite")
-    else:
-        yield from _new_database({"postgres": "EVOLVING_RL_TEST_PG", "pgvector": "EVOLVING_RL_TEST_PGVECTOR"}[request.param])
+postgres_only = pytest.mark.parametrize("new_lib", ["postgres"], indirect=True)
 
 
 def _evolver(loc: str, *over: str):
@@ -161,6 +144,7 @@ def test_rollback_is_data_and_ids_are_never_reused(location):
     ev.close()
 
 
+@postgres_only
 def test_audit_log_is_append_only_on_postgres(pg_url):
     import psycopg
 
@@ -174,6 +158,7 @@ def test_audit_log_is_append_only_on_postgres(pg_url):
     ev.close()
 
 
+@postgres_only
 def test_a_killed_workers_episode_is_freed_at_once(pg_url):
     """A worker holds the queued episode it extracts; another replica cannot take it until the
     holder dies, then takes it at once (no lease to wait out), and it is finished once."""
@@ -209,6 +194,7 @@ def test_a_killed_workers_episode_is_freed_at_once(pg_url):
 # -- two real replicas ---------------------------------------------------------------------------
 
 
+@postgres_only
 @pytest.mark.slow
 def test_two_serve_replicas_share_one_postgres_library(pg_url, tmp_path, games_dir):
     from test_serve import ADMIN, CHECKPOINT, GUARDRAIL, Server, play, wait_extracted
@@ -297,6 +283,7 @@ def test_two_serve_replicas_share_one_postgres_library(pg_url, tmp_path, games_d
             s.stop()
 
 
+@postgres_only
 def test_cli_skills_commands_take_a_postgres_library(pg_url, tmp_path):
     """list, show, export (both formats), import and retire on a served PostgreSQL library: only
     promoted skills leave as Agent Skills, and a retirement goes through the lifecycle."""
@@ -336,6 +323,7 @@ def test_cli_skills_commands_take_a_postgres_library(pg_url, tmp_path):
     ev.close()
 
 
+@postgres_only
 def test_copy_library_from_postgres_keeps_rows_and_statuses(pg_url, tmp_path):
     """An evaluation's own SQLite copy of a PostgreSQL skill bank: every row, promoted stays promoted."""
     from evolving_rl.serve.evolver import Decision, copy_library
@@ -358,6 +346,7 @@ def test_copy_library_from_postgres_keeps_rows_and_statuses(pg_url, tmp_path):
     ev.close()
 
 
+@postgres_only
 def test_a_replica_reconnects_after_the_server_drops_it(pg_url):
     """A long-running replica outlives a dropped database session (a restart, a failover): the
     call that meets the broken connection fails, the next one reconnects."""
@@ -378,6 +367,7 @@ def test_a_replica_reconnects_after_the_server_drops_it(pg_url):
     ev.close()
 
 
+@postgres_only
 @pytest.mark.slow
 def test_eval_starts_from_a_postgres_skill_bank(pg_url, games_dir, demos_path, tiny_model, tmp_path, make_config):
     """`eval --skills postgresql://...`: the library protocol plays on its own SQLite copy of the
