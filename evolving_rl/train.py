@@ -134,6 +134,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process  # the one process that writes and evaluates
+        if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ValueError(
+                f"accelerate distributed_type: {self.accelerator.distributed_type.value} is not supported: every "
+                "process holds whole weights (its rollouts generate from them) and the trainer shards the optimizer "
+                "state itself (ZeRO stage 1); launch with configs/accelerate/multi_gpu_8.yaml (MULTI_GPU) or torchrun")
         if not self.main:
             self.print = lambda x: None
         # LoRA resumes from the base weights plus the saved adapter (trainer.pt), not from the
@@ -144,7 +149,8 @@ class Trainer:
             self.print(f"warning: {warn}")
         # The KL anchor is the *initial* policy, also after a resume.
         self.reference = build_reference(cfg, self.policy, resumed=bool(latest), device=self.accelerator.device)
-        self.updater = GRPOUpdater(self.policy, self.reference, cfg.grpo, step_cls.roles(cfg), accelerator=self.accelerator)
+        self.updater = GRPOUpdater(self.policy, self.reference, cfg.grpo, step_cls.roles(cfg), accelerator=self.accelerator,
+                                   optimizer=self._sharded_optimizer())
         self.pool = build_pool(cfg)
         try:
             self.rollout = build_rollout(cfg, self.policy, self.pool)
@@ -173,6 +179,21 @@ class Trainer:
         self.wandb = self._wandb()
 
     # -- setup helpers ---------------------------------------------------------------------
+
+    def _sharded_optimizer(self):
+        """Over several processes, AdamW as ZeRO stage 1: each process keeps the Adam moments of
+        its 1/n of the weights (7B in fp32: 56 GB of moments, 7 GB per GPU on 8) and broadcasts
+        the weights it stepped; weights and gradients stay whole on every process, so rollouts
+        generate from them as in one process. None (the updater's plain AdamW) in one process."""
+        if self.accelerator.num_processes == 1:
+            return None
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        from evolving_rl.algorithms.grpo import trainable_parameters
+
+        g = self.cfg.grpo
+        return ZeroRedundancyOptimizer(trainable_parameters(self.policy), optimizer_class=torch.optim.AdamW, lr=g.lr,
+                                       weight_decay=g.weight_decay)
 
     @property
     def bank_path(self) -> Path | None:
@@ -302,7 +323,9 @@ class Trainer:
         return None
 
     def save(self) -> Path | None:
-        if not self.main:  # every process holds the same weights, optimizer state and RNGs
+        if hasattr(self.updater.optimizer, "consolidate_state_dict"):  # ZeRO: every process sends its share
+            self.updater.optimizer.consolidate_state_dict(to=0)
+        if not self.main:  # every process holds the same weights and RNGs; the first writes them
             return None
         name = f"step_{self.step:06d}"
         final = self.ckpt_dir / name

@@ -94,7 +94,8 @@ def _episode_key(e: dict) -> tuple:
 def test_two_processes_play_a_shard_each_and_step_like_one(games_dir, tmp_path):
     """One Evolving-RL step of the Trainer on 2 processes: the two ranks' episodes together are
     exactly the single process's (same seed), neither rank plays them all, both end with the
-    single-process weights, and the first rank alone wrote the run."""
+    single-process weights (the optimizer state sharded over the two, ZeRO stage 1), and the
+    first rank alone wrote the run, with the whole optimizer state in its checkpoint."""
     from conftest import tiny_config
 
     from evolving_rl.config import save_config
@@ -120,10 +121,15 @@ def test_two_processes_play_a_shard_each_and_step_like_one(games_dir, tmp_path):
     start = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(CHECKPOINT / "model.safetensors"))
     moved = max(float((single["weights"][k] - start[k]).abs().max()) for k in start if k in single["weights"])
     assert moved > 1e-4, "the single-process step did not move the weights: nothing is tested"
+    assert [r["sharded_optimizer"] for r in ranks] == [True, True] and not single["sharded_optimizer"]
     for k, w in single["weights"].items():
         assert torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]), f"{k}: the two processes differ"
         gap = float((ranks[0]["weights"][k] - w).abs().max())
         assert gap < STEP_ATOL, f"{k}: 2 processes vs 1 differ by {gap}"
+    # the first process wrote the checkpoint, holding the whole optimizer state
+    blob = torch.load(tmp_path / "p2" / "run" / "checkpoints" / "step_000001" / "trainer.pt", weights_only=False)
+    params = sum(len(g["params"]) for g in blob["optimizer"]["param_groups"])
+    assert len(blob["optimizer"]["state"]) == params > 0
     rows = {n: [json.loads(x) for x in (tmp_path / f"p{n}" / "run" / "metrics.jsonl").read_text().splitlines()]
             for n in (1, 2)}
     train = {n: [r for r in rows[n] if r["kind"] == "train"] for n in rows}

@@ -48,3 +48,25 @@ def test_backend_vllm_without_vllm_says_how_to_get_it():
     with pytest.raises(ImportError, match="scripts/vllm_venv.sh"):
         build_policy(cfg)
     assert type(build_policy(cfg, generation=False)).__name__ == "HFPolicy"  # a reference never needs vLLM
+
+
+def test_the_8gpu_config_and_its_accelerate_launch_config_fit_together():
+    """The shipped multi-GPU launch files are ones accelerate itself reads (unknown keys are its
+    error), and the 8-GPU run config is the paper's step, fully fine-tuned, in equal blocks."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    root = Path(__file__).parent.parent / "configs"
+    launch = {p.name: ClusterConfig.from_yaml_file(str(p)) for p in sorted((root / "accelerate").glob("*.yaml"))}
+    assert launch, "no accelerate config shipped"
+    for name, c in launch.items():
+        # the trainer refuses FSDP / DeepSpeed; compute dtype is the run config's model.autocast
+        assert c.distributed_type.value in ("MULTI_GPU", "MULTI_CPU"), name
+        assert c.mixed_precision == "no", name
+    procs = launch["multi_gpu_8.yaml"].num_processes
+    cfg = load_config(root / "evolving_qwen2.5-7b_8gpu.yaml")
+    ev = cfg.evolving
+    assert (ev.sources_per_step, ev.num_skills, ev.num_downstream) == (16, 8, 4)
+    assert procs == 8 and ev.sources_per_step % procs == 0
+    assert not cfg.model.lora.enabled and (cfg.model.dtype, cfg.model.autocast) == ("float32", "bfloat16")
+    per_process = ev.sources_per_step // procs * (1 + ev.num_skills * ev.num_downstream)
+    assert cfg.rollout.batch_size >= per_process - ev.sources_per_step // procs  # a process's downstream episodes at once
