@@ -70,6 +70,21 @@ def test_one_policy_in_both_roles_unless_named_and_training_refuses_two():
         build_extractor(cfg, solver)
 
 
+def test_serve_holds_actions_back_for_extraction_only_behind_one_local_model(tmp_path):
+    pytest.importorskip("fastapi")
+    from evolving_rl.serve.app import Service
+
+    common = [f"model.path={CHECKPOINT}", "serve.extract=false", f"serve.library={tmp_path / 'skills.sqlite'}"]
+    served = ["model.backend=openai", f"model.base_url={_dead_url()}"]
+    for over, shared in (([], True), (served, False)):
+        service = Service(load_config(None, common + over))
+        try:
+            assert service.extractor is service.policy  # one policy in both roles
+            assert (service.extractor_lock is service.policy_lock) == shared
+        finally:
+            service.close()
+
+
 def test_eval_one_shot_extracts_with_the_extractor(games_dir, tmp_path):
     from evolving_rl.evaluate import evaluate_checkpoint
     from evolving_rl.policy.openai_policy import OpenAIEndpointError

@@ -66,6 +66,10 @@ def refuse_training(cfg: Any) -> None:
 class OpenAIPolicy:
     """A `Policy` whose `generate` calls an OpenAI-compatible server (see the module docstring)."""
 
+    # generate may run from several threads at once (requests go through its own bounded pool and
+    # the server batches them), so the service does not hold actions back while it extracts
+    thread_safe = True
+
     def __init__(self, cfg: Any, *, tokenizer: Any = None, section: str = "model") -> None:
         # `section`: the config section `cfg` came from (model, extractor_model), named in errors
         if not cfg.base_url:

@@ -229,9 +229,10 @@ class Service:
         self.policy, self.embedder = policy, embedder
         self.policy_lock = threading.Lock()
         self.extractor = extractor
-        # one policy in both roles: extraction waits for the batcher's call (a local model is not
-        # thread-safe); a separate extractor runs beside the solver
-        self.extractor_lock = self.policy_lock if extractor is policy else threading.Lock()
+        # one local model in both roles: extraction waits for the batcher's call (its weights and
+        # cache are not thread-safe); a separate extractor, or a served one, runs beside the actions
+        shared = extractor is policy and not getattr(policy, "thread_safe", False)
+        self.extractor_lock = self.policy_lock if shared else threading.Lock()
         self.embed_lock = threading.Lock()
         self._action_ids = prompts.action_encoder(policy)
         self.evolver = self._evolver(open_library(cfg.serve.library, dedup_threshold=cfg.library.dedup_threshold))
