@@ -74,12 +74,12 @@ BUDGETS: dict[str, dict] = {
     # experience from other games with the same object. Results go to docs/results/skill_transfer.*.
     "twc": {
         "about": "twc skill transfer (configs/evolving_twc_tiny.yaml), tiny model from checkpoints/tiny-twc-sft: "
-                 "4 steps of B=4 N=4 K=2 (36 episodes per step), lr 1e-4, 40 eval games per split, greedy",
+                 "16 steps of B=4 N=4 K=2 (36 episodes per step) on the dev fold, lr 1e-3, 40 eval games per split, greedy",
         "config": CONFIGS / "evolving_twc_tiny.yaml",
         "games": None,
         "results": "skill_transfer",
         "methods": list(METHODS),
-        "overrides": ["train.steps=4", "train.eval_every=0", "eval.max_tasks=40", "eval.repeats=1"],
+        "overrides": ["train.steps=16", "grpo.lr=1e-3", "train.eval_every=0", "eval.max_tasks=40", "eval.repeats=1"],
     },
     "twc_smoke": {
         "about": "the twc benchmark at test size: 1 step of B=2 N=2 K=2, 4 eval games per split",
@@ -88,7 +88,7 @@ BUDGETS: dict[str, dict] = {
         "games": None,
         "overrides": ["train.steps=1", "train.eval_every=0", "evolving.sources_per_step=2", "evolving.num_skills=2",
                       "evolving.num_downstream=2", "grpo.group_size=2", "eval.max_tasks=4", "eval.repeats=1",
-                      "env.options.train_games=40", "env.options.dev_games=0", "env.options.eval_games=4",
+                      "env.options.train_games=40", "env.options.dev_games=40", "env.options.eval_games=4",
                       "env.options.pool_games=60", "rollout.extractor.max_new_tokens=48"],
     },
 }
@@ -122,7 +122,10 @@ def read_cells(run_dir: Path) -> dict[str, dict]:
 
 
 CURVES = {"solver/success": "training episodes won (GRPO: all; Evolving-RL: downstream)",
-          "extractor/parse_rate": "extractor outputs that parse"}
+          "solver/source_success": "Evolving-RL: source episodes won (no skill)",
+          "solver/success_with_skill": "Evolving-RL: downstream won with a skill",
+          "extractor/parse_rate": "extractor outputs that parse",
+          "extractor/reward_mean": "extractor reward (downstream success of its skill)"}
 
 
 def train_record(run_dir: Path) -> dict:
@@ -243,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="evolving-rl bench paper", description=__doc__.splitlines()[0])
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
     ap.add_argument("--seeds", type=int, default=1, help="Seeds 0..N-1 (added to the config's seed).")
+    ap.add_argument("--only-seed", type=int, default=None,
+                    help="Train and evaluate this one seed of 0..N-1 and stop, so seeds can run as parallel processes; "
+                         "a later run without it reuses the finished runs and writes the table.")
     ap.add_argument("--config", help="Base config (default: the budget's).")
     ap.add_argument("--model", help="The starting checkpoint (default: the config's model.path).")
     ap.add_argument("--games", help="ALFWorld games directory (default: the config's; smoke generates its own).")
@@ -315,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     timing: dict[str, dict] = {n: {"wall_s": 0.0, "train_s": 0.0, "episodes": 0} for n in names}
     curves: dict[str, dict] = {}
+    all_curves: dict[str, list[dict]] = {}  # per method, per seed: the CURVES keys per step
+    if args.only_seed is not None and not 0 <= args.only_seed < args.seeds:
+        raise SystemExit(f"--only-seed must be in 0..{args.seeds - 1}, got {args.only_seed}")
     for seed in range(args.seeds):
+        if args.only_seed is not None and seed != args.only_seed:
+            continue
         for name in names:
             if name == START and seed > 0:  # greedy evaluation of the same checkpoint: seed 0 says it all
                 continue
@@ -333,8 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                 timing[name].setdefault("reward_curves", []).append(rec["solver/success"])  # per seed, per step
                 if seed == 0:
                     curves[name] = rec
+                all_curves.setdefault(name, []).append({k: rec[k] for k in CURVES})
             timing[name]["wall_s"] += info.get("wall_s", 0.0)
             per_seed[name].append(read_cells(run_dir))
+    if args.only_seed is not None:
+        say(f"seed {args.only_seed} done in {out}; run again without --only-seed for the table")
+        return 0
     counts = {name: [{s: {proto: [c["wins"], c["n"]] for key, c in cells.items() for split, proto in [key.split("/")]
                           if split == s} for s in ("eval_seen", "eval_unseen")} for cells in per_seed[name]]
               for name in names}  # per method and seed: {split: {protocol: [wins, n]}}
@@ -347,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "columns": [f"{s}/{p}" for s, p in COLUMNS], "rows": rows,
         "gain_unseen": {p: relative_gain(evo[f"eval_unseen/{p}"]["success"], grpo[f"eval_unseen/{p}"]["success"])
                         for p in ("no_skill", "one_shot")},
-        "runs": rel(out), "machine": machine(), "counts": counts,
+        "runs": rel(out), "machine": machine(), "counts": counts, "curves": all_curves,
         "stem": budget.get("results", f"paper_table_{args.budget}"),
     }
     stem = report["stem"]

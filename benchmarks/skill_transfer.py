@@ -14,7 +14,11 @@ words are spelt in byte pieces it has never read), and clones three formats:
   nothing in the room says it), and a demo with the card of a game with ANOTHER object, which
   the solver must ignore;
 - extractor: a demo's trajectory -> the skill it supports (`twc.skill_from_demo`: placements
-  that moved the score, stated without the room or the step numbers).
+  that moved the score, stated without the room or the step numbers);
+- with `data --invented N`: N pairs of training games renamed to an invented object
+  (`invented_examples`): the only formats where the names cannot be recalled, so the extractor
+  learns to copy them from the trajectory and the solver to take the place from the card;
+  without them a clone writes the train-fold names it knows and ignores cards (RESULTS.md).
 
 No held-out object kind reaches any of it (`twc.check_kinds_disjoint` runs on the demos).
 Then it evaluates greedily no-skill and one-shot on eval_seen and eval_unseen.
@@ -84,6 +88,42 @@ def build_twc_examples(policy, straight: list[dict], explored: list[dict], cfg, 
     return examples
 
 
+def invented_examples(policy, straight: list[dict], explored: list[dict], cfg, n: int, seed: int, avoid: set[str]) -> list:
+    """`n` pairs of training games of one object kind and receptacle, both renamed to one
+    invented object (`twc.invented_names`): the first game's trajectory -> its skill (an
+    extraction example whose names can only be copied), the second game played with that
+    skill's card (a solver example only the card can solve), a third of the pairs also with
+    the card of another invented object (to be ignored) and, exploring, with no card."""
+    from evolving_rl.sft import Example, demo_episode, solver_examples
+
+    rng = random.Random(seed)
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for style, ds in (("straight", straight), ("explored", explored)):
+        for d in ds:
+            key = (twc.task_object(d["task"]), str(d["task"]["meta"].get("receptacle")))
+            groups.setdefault(key, {"straight": [], "explored": []})[style].append(d)
+    keys = sorted(k for k, g in groups.items() if g["straight"] and len({d["task"]["id"] for d in g["straight"] + g["explored"]}) >= 2)
+    names = twc.invented_names(n, seed, avoid)
+    examples, cards = [], []
+    for name in names:
+        g = groups[rng.choice(keys)]
+        target = rng.choice(g["straight"])
+        sources = [d for d in g["straight"] + g["explored"] if d["task"]["id"] != target["task"]["id"]]
+        source, target = twc.rename_object(rng.choice(sources), name), twc.rename_object(target, name)
+        msgs = prompts.extractor_messages(demo_episode(source), max_trajectory_chars=cfg.evolving.max_trajectory_chars)
+        examples.append(Example(policy.encode_chat(msgs), policy.encode_text(json.dumps(twc.skill_from_demo(source))) + [policy.eos_token_id],
+                                "extractor"))
+        card = card_of(source)
+        examples += list(solver_examples(policy, target, cfg.rollout, cfg.env.max_steps, skill_card=card))
+        if cards and rng.random() < 1 / 3:
+            examples += list(solver_examples(policy, target, cfg.rollout, cfg.env.max_steps, skill_card=rng.choice(cards)))
+            if g["explored"]:
+                lost = twc.rename_object(rng.choice(g["explored"]), name)
+                examples += list(solver_examples(policy, lost, cfg.rollout, cfg.env.max_steps))
+        cards.append(card)
+    return examples
+
+
 def corpus(straight: list[dict], explored: list[dict], cfg) -> list[str]:
     """What the tiny tokenizer learns from: the prompts, replies, cards and skills the model reads and writes."""
     from evolving_rl.sft import demo_episode, demo_turns
@@ -121,7 +161,8 @@ def make_data(args, cfg) -> Path:
             path = games / f"demos_{split}_{style}.jsonl"
             stats[f"{split}_{style}"] = twc.write_demos(suite.tasks(split), path, explore_fraction=share, seed=cfg.seed,
                                                         max_steps=cfg.env.max_steps, wrong_tries=args.wrong_tries,
-                                                        tried=cfg.env.options.get("tried", False))
+                                                        tried=cfg.env.options.get("tried", False),
+                                                        prune_tried=cfg.env.options.get("prune_tried", False))
             demos[split, style] = [d for d in load_demos([str(path)]) if d["won"]]
             twc.check_kinds_disjoint(demos[split, style], held_out, f"the warm-start demos ({path})")
     say(f"demos: {stats} in {time.perf_counter() - t0:.1f}s")
@@ -131,6 +172,10 @@ def make_data(args, cfg) -> Path:
     policy = HFPolicy(cfg.model.model_copy(update={"path": str(init)}))
     examples = {split: build_twc_examples(policy, demos[split, "straight"], demos[split, "explored"], cfg, cfg.seed,
                                           card_only=split == "dev") for split in ("train", "dev")}
+    if args.invented:
+        real = {twc.task_object(t) for split in suite.splits() for t in suite.tasks(split)}
+        examples["invented"] = invented_examples(policy, demos["train", "straight"], demos["train", "explored"], cfg,
+                                                 args.invented, cfg.seed, real)
     kinds = {f"{split}/{k}": sum(e.kind == k for e in ex) for split, ex in examples.items()
              for k in ("solver", "solver_skill", "extractor")}
     lens = sorted(len(e.prompt_ids) + len(e.completion_ids) for ex in examples.values() for e in ex)
@@ -152,11 +197,13 @@ def clone(args, cfg, init: Path) -> dict:
     data = torch.load(init / "examples.pt")
     rng = random.Random(cfg.seed)
     train, dev = data["examples"]["train"], data["examples"]["dev"]
+    invented = data["examples"].get("invented", [])
     if args.start:  # a short CPU continuation: the card-only examples, a sample of the rest
         train = rng.sample(train, min(len(train), args.train_sample))
         extract = [e for e in dev if e["kind"] == "extractor"]
         dev = [e for e in dev if e["kind"] != "extractor"] + rng.sample(extract, min(len(extract), args.dev_extract))
-    examples = [Example(**e) for e in train + dev]
+        dev = rng.sample(dev, min(len(dev), args.dev_sample))
+    examples = [Example(**e) for e in train + dev + invented]
     policy = HFPolicy(cfg.model.model_copy(update={"path": str(args.start or init)}))
     metrics = train_sft(policy, examples, cfg.sft, seed=cfg.seed, log=say)
     metrics.update(examples_by_kind=data["kinds"], demos=data["demos"])
@@ -226,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dev-extract", type=int, default=400, help="clone --start: dev extraction examples kept")
     ap.add_argument("--wrong-tries", type=int, default=1,
                     help="data: an exploring demo makes 1..N different wrong placements before the right one")
+    ap.add_argument("--invented", type=int, default=0,
+                    help="data: pairs of training games renamed to an invented object (extraction + card-only solver examples)")
+    ap.add_argument("--dev-sample", type=int, default=100000, help="clone --start: dev examples kept (after --dev-extract)")
     ap.add_argument("--rebuild", action="store_true", help="data: a new tokenizer and untrained model even if <out>-init exists")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)

@@ -207,3 +207,30 @@ def test_tried_option_lists_this_episodes_placements_and_exploring_demos_try_sev
     assert max(map(len, wrong_puts)) >= 2  # several tries, not only one
     last = demos[0]["steps"][-1]["observation"]
     assert last.count("(score went down)") == len(wrong_puts[0])
+
+
+def test_invented_objects_are_no_real_kind_and_renaming_leaves_no_trace(suite, tmp_path):
+    """The warm start's card-only and copy examples rename training objects: an invented name
+    must be no object kind of any split (else it would teach where a held-out object goes), and
+    the old name must be gone from every text of the renamed demo (else the card is not needed)."""
+    real = {twc.task_object(t) for split in suite.splits() for t in suite.tasks(split)}
+    names = twc.invented_names(300, seed=0, avoid=real)
+    assert len(set(names)) == 300 and not set(names) & real
+    assert not any(twc.object_re(k).search(f"the {n}.") for n in names for k in real)  # nor one that names a kind inside
+    path = tmp_path / "demos.jsonl"
+    twc.write_demos(suite.tasks("train")[:12], path, explore_fraction=1.0, seed=0, wrong_tries=3)
+    demos = [json.loads(x) for x in path.read_text().splitlines()]
+    for d, name in zip(demos, names):
+        r = twc.rename_object(d, name)
+        text = json.dumps(r)
+        assert not twc.object_re(twc.task_object(d["task"])).search(text)
+        assert twc.task_object(r["task"]) == name and r["task"]["description"].endswith(f"the {name}.")
+        assert [s["action"] for s in r["steps"]][0] == f"take {name}"
+        rules = twc.skill_from_demo(r)["decision_rules"]
+        assert f"The {name} goes in the {d['task']['meta']['receptacle']}." in rules  # the fact, under the new name
+    twc.check_kinds_disjoint([twc.rename_object(d, n) for d, n in zip(demos, names)],
+                             suite.tasks("eval_unseen") + suite.tasks("train_unseen"), "renamed demos")
+    umbrella = {"task": {"id": "x", "description": "The object to put away: the umbrella.", "meta": {"object": "umbrella"}},
+                "steps": [{"observation": "You see a umbrella stand and an umbrella.", "action": "put umbrella in umbrella stand"}]}
+    r = twc.rename_object(umbrella, "bofa")  # a receptacle that starts with the old name keeps it
+    assert r["steps"][0] == {"observation": "You see a umbrella stand and an bofa.", "action": "put bofa in umbrella stand"}

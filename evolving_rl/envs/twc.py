@@ -222,6 +222,12 @@ def task_object(task: Task | dict) -> str:
     return str(meta.get("object", ""))
 
 
+def object_re(kind: str) -> re.Pattern:
+    """Where `kind` is named as the object: after an article or a verb, ending the phrase; a
+    longer name that starts with it is another thing (the receptacle "umbrella stand" is not an umbrella)."""
+    return re.compile(rf"(\b(?:take|put|the|The|a|an) ){re.escape(kind)}(?= in\b| goes\b| does\b|[.,;:\"]|$)", re.M)
+
+
 def check_kinds_disjoint(training: list[Task] | list[dict], held_out: list[Task] | list[dict], what: str = "training data") -> None:
     """Raise if an object kind of the held-out tasks occurs in `training` (tasks or demo records'
     tasks), or in any text of the demo records (observations, cards): the unseen kinds must
@@ -234,12 +240,60 @@ def check_kinds_disjoint(training: list[Task] | list[dict], held_out: list[Task]
             t = t["task"]
         texts.append(task_object(t))
     blob = "\n".join(texts)
-    # An object is named after an article or a verb and ends the phrase; a longer name that
-    # starts with it is another thing (the receptacle "umbrella stand" is not an umbrella).
-    leaked = sorted(k for k in kinds if re.search(rf"(?:\b(?:take|put|the|The|a|an) ){re.escape(k)}(?= in\b| goes\b| does\b|[.,;:\"]|$)", blob, re.M))
+    leaked = sorted(k for k in kinds if object_re(k).search(blob))
     if leaked:
         raise ValueError(f"twc: held-out object kinds occur in {what}: {', '.join(leaked[:5])}"
                          f"{' ...' if len(leaked) > 5 else ''} (unseen kinds must stay out of training)")
+
+
+# --- invented objects: examples only a card can solve, and names only copying can write ---
+
+_MODIFIERS = ("clean", "dirty", "used", "wet", "old", "red", "blue", "green", "white", "black", "brown")
+
+
+def invented_names(n: int, seed: int, avoid: set[str]) -> list[str]:
+    """`n` distinct pronounceable object names that are no real object kind (`avoid`), e.g.
+    "dirty molvetra". The warm start renames training objects with them: a clone cannot have
+    learnt where such an object goes nor how it is spelt, so it must read the card to place it
+    and copy the trajectory's words to write one, which is what an unseen kind asks of it."""
+    rng = random.Random(seed)
+    cons, vows = "bcdfghklmnprstvz", "aeiou"
+
+    def word() -> str:
+        return "".join(rng.choice(cons) + rng.choice(vows) + (rng.choice("lmnrs") if rng.random() < 0.3 else "")
+                       for _ in range(rng.randint(2, 3)))
+
+    names: list[str] = []
+    taken = {a.lower() for a in avoid}
+    while len(names) < n:
+        r = rng.random()
+        name = f"{rng.choice(_MODIFIERS)} {word()}" if r < 0.3 else f"{word()} {word()}" if r < 0.45 else word()
+        if name not in taken and not any(object_re(a).search(f"the {name}.") or object_re(name).search(f"the {a}.") for a in taken):
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def rename_object(demo: dict, new: str) -> dict:
+    """The demo record with its object called `new` everywhere it is named (the task, every
+    observation, admissible action and action); raises if the old name survives anywhere."""
+    old = task_object(demo["task"])
+    pattern = object_re(old)
+
+    def sub(x: Any) -> Any:
+        if isinstance(x, str):
+            return pattern.sub(lambda m: m.group(1) + new, x)
+        if isinstance(x, list):
+            return [sub(v) for v in x]
+        if isinstance(x, dict):
+            return {k: sub(v) for k, v in x.items()}
+        return x
+
+    out = sub(demo)
+    out["task"]["meta"] = {**demo["task"]["meta"], "object": new}
+    if pattern.search(json.dumps(out)):
+        raise ValueError(f"twc: {old!r} still named in the renamed demo of {demo['task']['id']}")
+    return out
 
 
 # --- the rule-based skill: what the trajectory revealed, as the score showed it ---
@@ -281,13 +335,13 @@ def skill_from_demo(demo: dict) -> dict:
 
 
 def write_demos(tasks: list[Task], out_path: str | Path, *, explore_fraction: float = 0.5, seed: int = 0,
-                max_steps: int = 12, wrong_tries: int = 1, tried: bool = False) -> dict:
+                max_steps: int = 12, wrong_tries: int = 1, tried: bool = False, prune_tried: bool = False) -> dict:
     """Expert demos of `tasks`; a share of them first puts the object in 1..`wrong_tries`
     different wrong receptacles (the score goes down each time, the object is taken back) and
     then puts it right: what a solver without the fact must do, and what makes an experience
-    episode reveal it. `tried`: the env option of that name (observations list the tries)."""
+    episode reveal it. `tried`, `prune_tried`: the env options of those names."""
     rng = random.Random(seed)
-    env = TWCEnv({"max_steps": max_steps, "expert": True, "tried": tried})
+    env = TWCEnv({"max_steps": max_steps, "expert": True, "tried": tried, "prune_tried": prune_tried})
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = {"demos": 0, "won": 0, "explored": 0}
