@@ -240,3 +240,35 @@ def test_eval_one_shot_through_the_server(server, games_dir, tmp_path):
     assert valid and all(r["skill_card"] for r in valid), [r["skill_meta"]["skill_reasons"] for r in rows]
     # the 2 experience episodes (>= 1 action each), 2 extractions and every test action
     assert _chat_calls(server) - before >= 2 + 2 + sum(r["steps"] for r in rows)
+
+
+def test_serve_solves_locally_and_extracts_through_the_server(server, games_dir, tmp_path):
+    """`evolving-rl serve` with the solver on local weights and the extractor served
+    (extractor_model): a real ALFWorld episode played through the service's HTTP API sends no
+    action to the vLLM server, and its extraction is exactly one call there."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    from test_serve import Server, play, wait_extracted  # the real `evolving-rl serve` subprocess
+
+    from evolving_rl.envs.base import make_env, make_suite
+
+    opts = {"games_dir": str(games_dir)}
+    suite, env = make_suite("alfworld", opts), make_env("alfworld", opts)
+    srv = Server(tmp_path, "extractor_model.backend=openai", f"extractor_model.base_url={server['url']}",
+                 f"extractor_model.served_model={SERVED}", f"extractor_model.path={CHECKPOINT}")
+    srv.start()
+    try:
+        c = srv.client()
+        assert c.get("/healthz").json()["extractor"] == str(CHECKPOINT)
+        before = _chat_calls(server)
+        st, end, _ = play(c, env, suite.tasks("eval_seen")[0], max_steps=8)
+        assert st["arm"] == "none" and end["queued"]
+        q = wait_extracted(c, end["queued"])
+        assert q["state"] == "done" and q["result"]["skill_id"] is not None, q
+        assert _chat_calls(server) - before == 1  # the actions were local; the extraction was served
+        skill = c.get(f"/v1/skills/{q['result']['skill_id']}").json()
+        assert skill["status"] == "quarantined" and skill["provenance"]["model"] == str(CHECKPOINT)
+    finally:
+        srv.stop()
+        env.close()
