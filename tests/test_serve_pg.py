@@ -206,7 +206,8 @@ def test_two_serve_replicas_share_one_postgres_library(pg_url, tmp_path, games_d
     servers = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        srv = Server(tmp_path / name, *GUARDRAIL)
+        # short extractions: what is measured here is who extracts, not what (a skill cut short is rejected)
+        srv = Server(tmp_path / name, *GUARDRAIL, "rollout.extractor.max_new_tokens=160")
         srv.library = pg_url
         servers.append(srv)
     try:
