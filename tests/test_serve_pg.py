@@ -208,7 +208,7 @@ def test_two_serve_replicas_share_one_postgres_library(pg_url, tmp_path, games_d
         (tmp_path / name).mkdir()
         # short extractions: what is measured here is who extracts, not what (a skill cut short is rejected)
         srv = Server(tmp_path / name, *GUARDRAIL, "rollout.extractor.max_new_tokens=160")
-        srv.library = pg_url
+        srv.library = pg_url.replace("postgres@", "postgres:s3cret-pw@")  # the test server trusts localhost
         servers.append(srv)
     try:
         with ThreadPoolExecutor(2) as pool:  # both start together, racing for the migrations
@@ -277,6 +277,9 @@ def test_two_serve_replicas_share_one_postgres_library(pg_url, tmp_path, games_d
         assert done["state"] == "done" and done["attempts"] == 1, done
         vs = [v["version"] for v in cs.get("/v1/versions?limit=1000").json()["versions"]]
         assert vs == list(range(len(vs), 0, -1))  # every change one version, numbered once, across replicas
+        for s in servers:  # the startup banner and health name the library without its password
+            assert "s3cret-pw" not in (s.tmp / f"server-{s.port}.log").read_text()
+        assert "s3cret-pw" not in cs.get("/healthz").text
         print(f"replica {'a' if holder is a else 'b'} killed mid-extraction; the other finished episode {qid}; "
               f"{len(vs)} versions")
     finally:

@@ -16,7 +16,7 @@
 
 Actions are decided in batches: concurrent episodes' requests wait up to `serve.batch_wait_ms`
 to share one policy call (one decode of 32 prompts costs little more than one). Ended
-episodes are written to the library's SQLite file in the same transaction that counts their
+episodes are written to the library's database in the same transaction that counts their
 outcome, and a background thread turns them into skills; a row leaves the queue only once its
 skill is stored, so a kill -9 at any point loses nothing. Every input is bounded (body bytes,
 text lengths, list sizes, live episodes, requests per second per client) and answered with a
@@ -627,7 +627,7 @@ def serve(cfg, *, say=print) -> None:
     service = Service(cfg)
     app = create_app(service)
     counts = service.evolver.counts()
-    say(f"library {cfg.serve.library}: " + ", ".join(f"{n} {k}" for k, n in counts.items()) +
+    say(f"library {service.evolver.path}: " + ", ".join(f"{n} {k}" for k, n in counts.items()) +
         f"; {service.evolver.queue_counts()['pending']} ended episodes waiting for extraction")
     if len(os.environ.get(cfg.serve.admin_token_env, "")) < 16:
         say(f"${cfg.serve.admin_token_env} is not set (16+ characters): library changes over HTTP are refused")
