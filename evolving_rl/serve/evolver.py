@@ -554,7 +554,7 @@ class SkillEvolver:
             if not self.pg:
                 return qid, payload
             key = (_QUEUE_LOCK, qid % 2**31)
-            if not self.library.try_hold(key):
+            if qid in self._held or not self.library.try_hold(key):  # a session's advisory locks stack: skip its own
                 continue
             if self.queued(qid)["state"] == "pending":  # not finished by another worker since pending() read it
                 self._held.add(qid)
