@@ -381,8 +381,9 @@ def evaluate_checkpoint(cfg, checkpoint: str, out_dir, *, tag: str = "eval", pro
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": checkpoint})})
     policy = build_policy(cfg)
     extractor = build_extractor(cfg, policy)
-    if warn := prompt_mismatch(cfg, checkpoint):
-        console_print(f"warning: {warn}")
+    for m in (checkpoint, cfg.extractor_model.path if cfg.extractor_model else None):
+        if m and (warn := prompt_mismatch(cfg, m)):
+            console_print(f"warning: {warn}")
     if skills:
         src = skills if is_postgres(skills) else Path(skills)
         if isinstance(src, Path) and not src.is_file():

@@ -90,9 +90,12 @@ def test_eval_one_shot_extracts_with_the_extractor(games_dir, tmp_path):
     from evolving_rl.policy.openai_policy import OpenAIEndpointError
 
     url = _dead_url()
-    cfg = _cfg(games_dir, tmp_path, url, "eval.splits=[eval_seen]", "eval.max_tasks=1")
+    twc = REPO / "checkpoints" / "tiny-twc-sft"  # cloned without the state line this config shows
+    cfg = _cfg(games_dir, tmp_path, url, "eval.splits=[eval_seen]", "eval.max_tasks=1", f"extractor_model.path={twc}")
+    said: list[str] = []
     with pytest.raises(OpenAIEndpointError, match=rf"extractor_model\.base_url='{url}'"):
-        evaluate_checkpoint(cfg, str(CHECKPOINT), tmp_path, protocols=["one_shot"], console_print=lambda *_: None)
+        evaluate_checkpoint(cfg, str(CHECKPOINT), tmp_path, protocols=["one_shot"], console_print=said.append)
+    assert said == [f"warning: {twc} was cloned on other prompts (rollout.state_line: cloned with False, this run True)"]
 
 
 def test_evolve_extracts_with_the_extractor(games_dir, tmp_path):
