@@ -652,7 +652,8 @@ def evolve_stream(evolver: SkillEvolver, rollout, policy, embedder, tasks, sampl
 
     Waves of `wave` tasks are one batched rollout each; a task sees every skill admitted and
     every guardrail decision from earlier waves. `learn=False` freezes the library (skill
-    transfer): skills are chosen and counted, nothing is extracted.
+    transfer): skills are chosen and counted, nothing is extracted. The rollout's policy is the
+    solver; `policy` writes the skills (the extractor: the same one unless `extractor_model`).
     Returns the episodes in stream order and one log row per episode."""
     from evolving_rl.rollout import Job
 
