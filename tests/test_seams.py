@@ -95,7 +95,8 @@ def test_an_engine_failed_source_gets_no_extraction_and_no_training():
     assert policy.batches == [2]  # N=2 extractions, from t1 only
     down = rollout.calls[1]
     assert len(down) == 1 * 2 * 2 and {j.task.id for j in down} == {"t110", "t111"}  # t1's downstream tasks
-    assert {s.group for s in samples if s.role == "extractor"} == {"x0/0"}  # one group: t1's candidates
+    # one group: t1's candidates, named by t1's place among the drawn sources (as on every process)
+    assert {s.group for s in samples if s.role == "extractor"} == {"x0/1"}
     assert m["rollout/episodes"] == 2 + 4 and m["rollout/engine_failures"] == 1
 
 
