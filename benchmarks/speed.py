@@ -6,12 +6,16 @@ are timed stage by stage. Then, side by side with what the bare parts can do:
 * rollout generated tokens/s vs the raw decode ceiling of the same model on the very batches
   the rollout sent (benchmarks/policy_speed.py's bare KV-cached greedy loop);
 * training tokens/s of the GRPO update vs a bare forward+backward of the same samples;
+* the update's share of the Evolving-RL step, re-timed `--update-repeats` times on the step's
+  samples from the same weights (the spread on a shared machine), split into the policy's
+  scoring forward, the reference's, and the rest (backward, optimizer), with the tokens the
+  model actually ran against the samples' tokens (shared prefixes run once);
 * env steps/s through EnvPool with 1 and 2 workers, for every engine that is installed;
 * retrieval: building the task index (cold and cached) and top-K latency over the pool;
 * step time against N x K: the step should cost a + b * episodes with the fixed part a small.
 
     .venv/bin/python benchmarks/speed.py [--config configs/quickstart.yaml] [--model DIR]
-        [--games DIR] [--sweep 2x1,2x2,4x1,4x2] [--skip envs,sweep] [key=value ...]
+        [--games DIR] [--sweep 2x1,2x2,4x1,4x2] [--skip envs,sweep] [--update-repeats 3] [key=value ...]
 
 Writes docs/results/speed.json (or --json PATH).
 """
@@ -31,7 +35,7 @@ from common import RESULTS_DIR, ROOT, ensure_games, ensure_model, machine, quiet
 
 from evolving_rl.config import load_config  # noqa: E402
 
-SECTIONS = ("steps", "decode", "train", "envs", "retrieval", "sweep")
+SECTIONS = ("steps", "grpo", "update", "decode", "train", "envs", "retrieval", "sweep")
 FIXTURE_MIND2WEB = ROOT / "tests" / "fixtures" / "mind2web"
 
 
@@ -130,10 +134,73 @@ def measure_step(trainer, algorithm, step: int, label: str) -> dict:
     say(f"  {label} step: {out['episodes']} episodes, {out['env_steps']} env steps, {out['step_s']:.1f} s")
     out["_largest"] = {"solver": rec.largest("solver"), "extractor": rec.largest("extractor")}
     out["_samples"] = trained
+    out["_all_samples"] = samples
     return out
 
 
 # ---------------------------------------------------------------------------- sections
+
+
+class ScoreRecorder:
+    """Wraps `score` on a policy instance to sum the seconds its calls take (forward only:
+    the backward runs later, in the updater)."""
+
+    def __init__(self, policy):
+        self.policy, self.s, self.calls = policy, 0.0, 0
+        self._orig = policy.score
+        policy.score = self
+
+    def __call__(self, segments, **kw):
+        t = time.perf_counter()
+        out = self._orig(segments, **kw)
+        self.s += time.perf_counter() - t
+        self.calls += 1
+        return out
+
+    def close(self) -> None:
+        del self.policy.score
+
+
+def update_repeats(trainer, samples, step: dict, repeats: int) -> dict:
+    """The step's update re-run `repeats` times on its samples, each from the weights and
+    optimizer state the step ended with (restored after, so later sections see the step's
+    result): update seconds (median and range), its share of the step, and where it goes."""
+    import copy
+
+    import torch
+
+    updater, model = trainer.updater, trainer.policy.model
+    weights, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(updater.optimizer.state_dict())
+    fed: list[int] = []  # tokens the policy's model ran (its input embedding sees each forward)
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: fed.append(args[0].numel()))
+    runs = []
+    try:
+        for _ in range(repeats):
+            pol, ref = ScoreRecorder(updater.policy), ScoreRecorder(updater.reference_policy) \
+                if updater.reference_policy is not None else None
+            fed.clear()
+            try:
+                t, cpu = time.perf_counter(), time.process_time()
+                updater.update(list(samples))
+                wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+            finally:
+                pol.close()
+                if ref is not None:
+                    ref.close()
+            ref_s = ref.s if ref is not None else 0.0
+            runs.append({"update_s": wall, "cpu_s": cpu, "policy_forward_s": pol.s, "reference_forward_s": ref_s,
+                         "backward_optimizer_s": wall - pol.s - ref_s, "model_tokens": sum(fed)})
+            with torch.no_grad():
+                model.load_state_dict(weights)
+            updater.optimizer.load_state_dict(opt_state)
+    finally:
+        hook.remove()
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    collect = step["collect_s"]
+    return {"repeats": repeats, "runs": runs, "median": med,
+            "update_s_range": [min(r["update_s"] for r in runs), max(r["update_s"] for r in runs)],
+            "collect_s": collect, "share_of_step": med["update_s"] / (collect + med["update_s"]),
+            "sample_tokens": sum(len(s.segment.token_ids) for s in samples), "samples": len(samples)}
 
 
 def decode_vs_ceiling(policy, calls: list[dict]) -> dict:
@@ -295,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", default="2x1,2x2,4x1,4x2", help="N x K points of the step-time sweep.")
     ap.add_argument("--skip", default="", help=f"Comma-separated sections to skip: {', '.join(SECTIONS)}.")
     ap.add_argument("--env-steps", type=int, default=200, help="Steps per engine and worker count.")
+    ap.add_argument("--update-repeats", type=int, default=3, help="Re-timings of the Evolving-RL step's update.")
     ap.add_argument("--json", default=str(RESULTS_DIR / "speed.json"))
     ap.add_argument("--work", help="Scratch directory (default: a temporary one).")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -325,12 +393,13 @@ def main(argv: list[str] | None = None) -> int:
             f"GRPO step matched to the Evolving-RL step: {why}")
         report: dict[str, Any] = {"machine": machine(), "config": rel(args.config), "overrides": overrides,
                                   "model": provenance, "grpo_matching": why}
-        run(cfg, work, report, skip, sweep, args.env_steps)
+        run(cfg, work, report, skip, sweep, args.env_steps, args.update_repeats)
         say(f"\nwrote {write_json(Path(args.json), report)}")
     return 0
 
 
-def run(cfg, work: Path, report: dict, skip: set[str], sweep: list[tuple[int, int]], env_steps: int) -> None:
+def run(cfg, work: Path, report: dict, skip: set[str], sweep: list[tuple[int, int]], env_steps: int,
+        update_reps: int = 3) -> None:
     from evolving_rl.algorithms.grpo_step import GRPOStep
     from evolving_rl.train import Trainer
 
@@ -339,12 +408,28 @@ def run(cfg, work: Path, report: dict, skip: set[str], sweep: list[tuple[int, in
         step = 0
         if "steps" not in skip or "decode" not in skip or "train" not in skip:
             evo = measure_step(trainer, trainer.algorithm, step, "Evolving-RL")
-            grpo = measure_step(trainer, GRPOStep(trainer.cfg, trainer.rollout, trainer.cursor), step + 1, "GRPO")
+            if "update" not in skip and update_reps > 0 and evo["_samples"]:
+                u = update_repeats(trainer, evo["_all_samples"], evo, update_reps)
+                report["update"] = u
+                med = u["median"]
+                say("\n" + table(
+                    ["update s (median)", "range", "step share", "policy fwd s", "reference fwd s", "backward+optim s",
+                     "CPU s", "sample tokens", "model tokens"],
+                    [[round(med["update_s"], 2), f"{u['update_s_range'][0]:.1f}-{u['update_s_range'][1]:.1f}",
+                      f"{u['share_of_step']:.0%}", round(med["policy_forward_s"], 2), round(med["reference_forward_s"], 2),
+                      round(med["backward_optimizer_s"], 2), round(med["cpu_s"], 2), u["sample_tokens"],
+                      round(med["model_tokens"])]],
+                    f"The Evolving-RL step's update, {update_reps} repeats on its samples (collect {u['collect_s']:.1f} s)"))
+            grpo = None
+            if "grpo" not in skip:
+                grpo = measure_step(trainer, GRPOStep(trainer.cfg, trainer.rollout, trainer.cursor), step + 1, "GRPO")
             step += 2
             print_steps(evo, grpo, report, trainer.algorithm.index_build_s)
             if "decode" not in skip:
                 rows, out = [], {}
                 for label, m in (("Evolving-RL", evo), ("GRPO", grpo)):
+                    if m is None:
+                        continue
                     for role in ("solver", "extractor"):
                         calls = m["_largest"][role]
                         if calls:
@@ -360,7 +445,7 @@ def run(cfg, work: Path, report: dict, skip: set[str], sweep: list[tuple[int, in
             if "train" not in skip:
                 rows, out = [], {}
                 for label, m in (("Evolving-RL", evo), ("GRPO", grpo)):
-                    if m["_samples"]:
+                    if m is not None and m["_samples"]:
                         d = train_vs_bare(trainer.policy, m["_samples"], cfg.grpo.micro_batch_tokens, m["update_s"])
                         out[label] = d
                         rows.append([label, len(m["_samples"]), d["tokens"], round(d["update_tok_s"]), round(d["bare_tok_s"]),
@@ -380,10 +465,11 @@ def run(cfg, work: Path, report: dict, skip: set[str], sweep: list[tuple[int, in
         report["envs"] = run_envs(cfg, work, env_steps)
 
 
-def print_steps(evo: dict, grpo: dict, report: dict, index_build_s: float) -> None:
+def print_steps(evo: dict, grpo: dict | None, report: dict, index_build_s: float) -> None:
     stages = ["source", "extract", "retrieve", "downstream", "rewards"]
+    steps = [m for m in (evo, grpo) if m is not None]
     rows = []
-    for m in (evo, grpo):
+    for m in steps:
         info = m["info"]
         cols = [info.get(f"time/{s}_s", m["collect_s"] if (s == "downstream" and m is grpo) else 0.0) for s in stages]
         rows.append([m["label"], m["episodes"], m["env_steps"], *[round(c, 2) for c in cols], round(m["update_s"], 2),
@@ -391,7 +477,7 @@ def print_steps(evo: dict, grpo: dict, report: dict, index_build_s: float) -> No
     say("\n" + table(["step", "episodes", "env steps", *[f"{s} s" for s in stages], "update s", "total s"], rows,
                      "Time per stage of one step (GRPO's rollout shown under 'downstream')"))
     rows = []
-    for m in (evo, grpo):
+    for m in steps:
         r = m["rollout"]
         rows.append([m["label"], round(r["policy_s"], 2), round(r["env_s"], 2),
                      round(r["generated_tokens"] / r["policy_s"]) if r["policy_s"] else 0,
@@ -401,7 +487,7 @@ def print_steps(evo: dict, grpo: dict, report: dict, index_build_s: float) -> No
     say("\n" + table(["rollout", "policy s", "env s", "gen tok/s", "env steps/s", "mean batch", "extractor rows/tokens/s"], rows,
                      "Inside the rollouts (env s includes resets; index build at trainer start: "
                      f"{index_build_s:.1f} s)"))
-    report["steps"] = {m["label"]: {k: v for k, v in m.items() if not k.startswith("_")} for m in (evo, grpo)}
+    report["steps"] = {m["label"]: {k: v for k, v in m.items() if not k.startswith("_")} for m in steps}
 
 
 def run_sweep(trainer, sweep: list[tuple[int, int]], step: int) -> dict:

@@ -520,8 +520,8 @@ class HFPolicy:
         and the rows batched by length (`_padding_buckets`), not padded to the longest.
 
         Per-step segments of one episode repeat the system prompt and skill card, and the N
-        extractor samples of a source repeat its whole trajectory prompt (quickstart: 73k
-        tokens per update, 37k of them distinct). A causal model's keys and values at a
+        extractor samples of a source repeat its whole trajectory prompt (a quickstart update:
+        73k tokens in its samples, 40k run through the model this way, 76k padded before). A causal model's keys and values at a
         position depend only on the tokens up to it, so one forward pass over the prefixes
         gives each row's past; the rows' remaining tokens (their suffixes) then run on top of
         it, at their true positions. Gradients flow back through the gathered past into the
