@@ -537,11 +537,13 @@ def skills_retire(library: str = typer.Argument(..., help=LIB_HELP), skill_id: i
 
 @app.command()
 def quickstart(
-    config: Path = typer.Option(Path("configs/quickstart.yaml"), "--config", "-c"),
+    config: Path = typer.Option(Path("configs/quickstart_twc.yaml"), "--config", "-c",
+                                help="configs/quickstart_twc.yaml (skill transfer on TextWorld Commonsense) or "
+                                     "configs/quickstart.yaml (ALFWorld)"),
     overrides: list[str] = OverridesArg,
 ):
-    """Generate games (first run only), run Evolving-RL from the shipped warm start, evaluate
-    with and without skills before and after, and write the HTML report."""
+    """Run Evolving-RL from the shipped warm start, evaluate with and without skills before
+    and after, and write the HTML report (ALFWorld: generates its games on the first run)."""
     import time
 
     from evolving_rl.envs.alfworld_gen import generate_games
@@ -554,7 +556,9 @@ def quickstart(
     _model_files(cfg.model.path, "model.path")
     t0 = time.perf_counter()
     games = Path(cfg.env.games_dir)
-    if not (games / "manifest.json").exists():
+    if cfg.env.name != "alfworld":  # the other engines generate their games from seeds
+        console.print(f"[1/3] {cfg.env.name}: games come from the engine's own generator")
+    elif not (games / "manifest.json").exists():
         g = cfg.games
         sizes = {"train": g.train, "train_unseen": g.train_unseen, "eval_seen": g.eval_seen, "eval_unseen": g.eval_unseen}
         console.print(f"[1/3] generating ALFWorld games into {games} (expert-verified on ALFWorld's engine)")
