@@ -23,6 +23,8 @@ import pytest
 from test_library import new_lib  # noqa: F401  (the library tests' backends: SQLite, PostgreSQL, pgvector)
 from test_serve_evolver import _skill, _vec  # the lifecycle tests' skills and vectors
 
+from evolving_rl.serve.evolver import Decision
+
 REPO = Path(__file__).resolve().parents[1]
 DIM = 32
 
@@ -118,12 +120,11 @@ def test_three_writers_lose_nothing_and_number_versions_once(location):
     ev.close()
 
 
-def test_rollback_is_data_and_ids_are_never_reused(location):
+def test_rollback_restores_a_version_exactly_and_ids_are_never_reused(location):
+    """On every backend: the rolled-back library equals the version, history is kept, ids are not given again."""
     ev = _evolver(location)
     a = ev.admit(*_skill("find-objects"), _vec(0), {}, actor="test", reason="unit")
     for _ in range(3):
-        from evolving_rl.serve.evolver import Decision
-
         ev.record(Decision("trial", a), 1.0)
     b = ev.admit(*_skill("clean-then-place", "clean the object at the sink first"), _vec(1), {}, actor="test",
                  reason="unit")
@@ -131,9 +132,15 @@ def test_rollback_is_data_and_ids_are_never_reused(location):
     ev.retire(a, actor="admin", reason="looks wrong")
     c = ev.admit(*_skill("heat-then-place", "heat the object in the microwave first"), _vec(2), {}, actor="test",
                  reason="unit")
-    ev.rollback(at_v, actor="admin", reason="undo")
+    for _ in range(2):
+        ev.record(Decision("trial", b), 0.0)
+    assert ev.snapshot() != before
+    new_v = ev.rollback(at_v, actor="admin", reason="undo")
     assert ev.snapshot() == before == ev.snapshot(at_v)  # every row and embedding byte, statistics included
     assert ev.statuses([a, b, c]) == {a: "quarantined", b: "quarantined"}
+    assert new_v == ev.current_version() > at_v and ev.versions(1)[0]["reason"].startswith("rollback")
+    with pytest.raises(KeyError, match="version 999"):
+        ev.rollback(999, actor="admin", reason="x")
     d = ev.admit(*_skill("cool-then-place", "cool the object in the fridge first"), _vec(3), {}, actor="test",
                  reason="unit")
     assert d > c  # a rolled-back id is never given again: old audit rows keep naming the skill they meant
