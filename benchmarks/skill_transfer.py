@@ -73,7 +73,7 @@ def skill_use_pairs(straight: list[dict], explored: list[dict], seed: int) -> li
 def build_twc_examples(policy, straight: list[dict], explored: list[dict], cfg, seed: int, *, card_only: bool = False) -> list:
     """The three formats; `card_only` (the dev games): no example without a card and no
     irrelevant card, so these objects can be placed only by reading the card."""
-    from evolving_rl.sft import Example, demo_episode, solver_examples
+    from evolving_rl.sft import solver_examples
 
     examples = []
     for d in [] if card_only else straight + explored:
@@ -81,11 +81,17 @@ def build_twc_examples(policy, straight: list[dict], explored: list[dict], cfg, 
     for d, card, relevant in skill_use_pairs(straight, explored, seed):
         if relevant or not card_only:
             examples += list(solver_examples(policy, d, cfg.rollout, cfg.env.max_steps, skill_card=card))
-    for d in straight + explored:
-        msgs = prompts.extractor_messages(demo_episode(d), max_trajectory_chars=cfg.evolving.max_trajectory_chars)
-        target = json.dumps(twc.skill_from_demo(d))
-        examples.append(Example(policy.encode_chat(msgs), policy.encode_text(target) + [policy.eos_token_id], "extractor"))
+    examples += [extraction_example(policy, d, cfg) for d in straight + explored]
     return examples
+
+
+def extraction_example(policy, demo: dict, cfg):
+    """The demo's trajectory -> the skill it supports, prompted exactly as in RL."""
+    from evolving_rl.sft import Example, demo_episode
+
+    msgs = prompts.extractor_messages(demo_episode(demo), max_trajectory_chars=cfg.evolving.max_trajectory_chars)
+    target = json.dumps(twc.skill_from_demo(demo))
+    return Example(policy.encode_chat(msgs), policy.encode_text(target) + [policy.eos_token_id], "extractor")
 
 
 def invented_examples(policy, straight: list[dict], explored: list[dict], cfg, n: int, seed: int, avoid: set[str]) -> list:
@@ -94,7 +100,7 @@ def invented_examples(policy, straight: list[dict], explored: list[dict], cfg, n
     extraction example whose names can only be copied), the second game played with that
     skill's card (a solver example only the card can solve), a third of the pairs also with
     the card of another invented object (to be ignored) and, exploring, with no card."""
-    from evolving_rl.sft import Example, demo_episode, solver_examples
+    from evolving_rl.sft import solver_examples
 
     rng = random.Random(seed)
     groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
@@ -110,9 +116,7 @@ def invented_examples(policy, straight: list[dict], explored: list[dict], cfg, n
         target = rng.choice(g["straight"])
         sources = [d for d in g["straight"] + g["explored"] if d["task"]["id"] != target["task"]["id"]]
         source, target = twc.rename_object(rng.choice(sources), name), twc.rename_object(target, name)
-        msgs = prompts.extractor_messages(demo_episode(source), max_trajectory_chars=cfg.evolving.max_trajectory_chars)
-        examples.append(Example(policy.encode_chat(msgs), policy.encode_text(json.dumps(twc.skill_from_demo(source))) + [policy.eos_token_id],
-                                "extractor"))
+        examples.append(extraction_example(policy, source, cfg))
         card = card_of(source)
         examples += list(solver_examples(policy, target, cfg.rollout, cfg.env.max_steps, skill_card=card))
         if cards and rng.random() < 1 / 3:
