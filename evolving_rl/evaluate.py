@@ -135,7 +135,7 @@ def run_one_shot(rollout: Rollout, policy, split: str, tasks: list[Task], index,
     used: list[dict] = []
     sims = [index.top_k(t, 1, exclusion="none")[0] for t in tasks]  # deterministic: once for all repeats
     for r in range(repeats):
-        exp_eps = rollout.run([Job(s) for s, _ in sims], sampling, seed=seed * 31 + r)
+        exp_eps = rollout.run([Job(s.as_experience()) for s, _ in sims], sampling, seed=seed * 31 + r)
         cands = extract_skills(policy, exp_eps, 1, extract_sampling, min_chars=min_chars, max_chars=max_chars,
                                seed=seed * 37 + r, max_trajectory_chars=max_trajectory_chars)
         cards = [c.card if c.valid else None for c in cands]

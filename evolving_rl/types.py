@@ -6,6 +6,7 @@ wrong place (DESIGN.md).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +39,16 @@ class Task:
             "env": self.env,
             "meta": dict(self.meta),
         }
+
+    def as_experience(self) -> Task:
+        """The task as an experience episode plays it (an Evolving-RL source, the one-shot pool's
+        episode): without the evaluated step budget (meta `budget`, which engines such as twc
+        set), to the rollout's max_steps. A skill is distilled from the agent's unhurried past
+        play, where exploring is what reveals the facts; the test task is then held to its
+        budget. Training's sources play as evaluation's experience does, so the extractor is
+        rewarded for the trajectories it will be given."""
+        meta = tuple((k, v) for k, v in self.meta if k != "budget")
+        return self if meta == self.meta else dataclasses.replace(self, meta=meta)
 
     @classmethod
     def from_dict(cls, d: dict) -> Task:

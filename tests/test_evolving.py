@@ -3,6 +3,7 @@ step with scripted episodes and extractor outputs), and one real step on ALFWorl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -165,3 +166,24 @@ def test_a_real_step_on_alfworld_produces_both_roles(games_dir, tiny_model, tmp_
     # the source task is never among its downstream tasks
     for ep_task in trainer.train_tasks[:2]:
         assert ep_task.id not in {t.id for t, _ in trainer.algorithm.index.top_k(ep_task, 2)}
+
+
+def test_sources_play_as_experience_without_the_evaluated_budget_and_downstream_keep_it():
+    """A source is the experience a skill is distilled from: it plays as the one-shot pool's
+    episodes do, unhurried (no meta budget), while downstream tasks are held to their budget, as
+    test tasks are; else training extracts from trajectories evaluation never gives it."""
+    def budgeted(t):
+        return dataclasses.replace(t, meta=(("budget", 3), ("object", "x")))
+
+    class BudgetIndex(FixedIndex):
+        def top_k(self, task, k, exclusion="source"):
+            return [(budgeted(t), s) for t, s in super().top_k(task, k, exclusion)]
+
+    cfg = load_config(None, ["evolving.sources_per_step=2", "evolving.num_skills=2", "evolving.num_downstream=2"])
+    rollout = ScriptedRollout(lambda j: False)
+    step = EvolvingStep(cfg, ScriptedPolicy(), rollout, Cursor([budgeted(_task(0)), budgeted(_task(1))]), BudgetIndex())
+    step.collect(step=1)
+    source_jobs, down_jobs = rollout.calls
+    assert [dict(j.task.meta) for j in source_jobs] == [{"object": "x"}] * 2
+    assert all(dict(j.task.meta)["budget"] == 3 for j in down_jobs) and len(down_jobs) == 8
+    assert _task(5).as_experience() == _task(5)  # no budget: nothing to drop

@@ -101,15 +101,17 @@ class EvolvingStep:
             timing[f"time/{name}_s"] = now - clock
             clock = now
 
-        # (1) source episodes, no skill. In a multi-process run every process draws the same B
-        # sources and plays its block of them, with everything downstream of them, so each
-        # group is whole on one process; a source is named by its index b among the drawn
-        # ones, and every episode's seed comes from its place in the whole step.
+        # (1) source episodes, no skill, played as experience is (Task.as_experience). In a
+        # multi-process run every process draws the same B sources and plays its block of
+        # them, with everything downstream of them, so each group is whole on one process; a
+        # source is named by its index b among the drawn ones, and every episode's seed comes
+        # from its place in the whole step.
         rank, world = distributed.process()
         drawn = self.cursor.take(ev.sources_per_step)
         mine = list(distributed.block(len(drawn), rank, world))
         seeds = row_seeds(cfg.seed * 7919 + step, len(drawn))
-        played = self.rollout.run([Job(drawn[b]) for b in mine], cfg.rollout.solver, seed=[seeds[b] for b in mine])
+        played = self.rollout.run([Job(drawn[b].as_experience()) for b in mine], cfg.rollout.solver,
+                                  seed=[seeds[b] for b in mine])
         src_eps = dict(zip(mine, played))
         # A source the engine failed has no trajectory worth extracting from: it leaves the step.
         kept = [b for b in mine if not src_eps[b].failed]
