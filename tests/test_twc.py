@@ -234,3 +234,40 @@ def test_invented_objects_are_no_real_kind_and_renaming_leaves_no_trace(suite, t
                 "steps": [{"observation": "You see a umbrella stand and an umbrella.", "action": "put umbrella in umbrella stand"}]}
     r = twc.rename_object(umbrella, "bofa")  # a receptacle that starts with the old name keeps it
     assert r["steps"][0] == {"observation": "You see a umbrella stand and an bofa.", "action": "put bofa in umbrella stand"}
+
+
+def test_rl_invented_renames_training_objects_in_every_text_and_the_engine_still_scores_them():
+    """RL on invented names (rl_invented=G): the real kind must reach the agent nowhere (task,
+    observations, admissible actions, expert), an action naming the invented object must act on
+    the real one, each name must stay within one kind and at most G games (else a name could be
+    learnt by heart), and held-out kinds stay out of training as before."""
+    s = twc.TWCSuite({**SMALL, "rl_fold": "dev", "rl_invented": 2, "budget": 3})
+    try:
+        train, held_out = s.tasks("train"), s.tasks("eval_unseen") + s.tasks("train_unseen")
+        real = {twc.task_object(t) for split in ("dev", "eval_seen") for t in s.tasks(split)} | _kinds(held_out)
+        by_name: dict[str, set] = {}
+        for t in train:
+            by_name.setdefault(twc.task_object(t), set()).add((dict(t.meta)["kind"], t.id))
+        assert len(by_name) > len({dict(t.meta)["kind"] for t in train}) and not set(by_name) & real
+        assert all(len({k for k, _ in v}) == 1 and 1 <= len(v) <= 3 for v in by_name.values())  # 3: 2 + a joined single
+        twc.check_kinds_disjoint(train, held_out)
+        task = train[0]
+        kind, name = dict(task.meta)["kind"], twc.task_object(task)
+        assert task.description.endswith(f"the {name}.") and not twc.object_re(kind).search(task.description)
+        env = twc.TWCEnv({"max_steps": 12})
+        try:
+            r, texts = env.reset(task), []
+            while not r.done:
+                texts += [r.observation, *r.admissible]
+                action = env.expert_action()
+                texts.append(action)
+                r = env.step(action)
+            texts.append(r.observation)
+            assert r.won and r.score == 1.0 and f"take {name}" in texts
+            assert not any(twc.object_re(kind).search(x) for x in texts)
+        finally:
+            env.close()
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="rl_invented"):
+        twc.TWCSuite({"rl_invented": -1})

@@ -87,16 +87,32 @@ class TWCEnv(TWXEnv):
             if not isinstance(v, bool):
                 raise ValueError(f"twc option {key}: expected true or false, got {v!r}")
         self._tried: list[str] = []
+        self._alias: tuple[re.Pattern, str, re.Pattern, str] | None = None
 
     def reset(self, task: Task) -> StepResult:
         if not task.locator.startswith("twc/"):
             raise EnvError(f"twc task {task.id!r}: locator {task.locator!r} is not 'twc/fold/seed'")
-        self._budget = min(self.max_steps, int(dict(task.meta).get("budget", self.max_steps)))
+        meta = dict(task.meta)
+        self._budget = min(self.max_steps, int(meta.get("budget", self.max_steps)))
         self._score = 0.0
         self._tried = []
+        kind, alias = str(meta.get("kind", "")), str(meta.get("object", ""))
+        self._alias = (object_re(kind), alias, object_re(alias), kind) if meta.get("kind") and alias != kind else None
         r = super().reset(task)
         self.description = task.description or self.description  # the suite's names the object
         return r
+
+    def step(self, action: str) -> StepResult:
+        if self._alias:  # the agent names the invented object; the engine knows only its kind
+            _, _, alias_re, kind = self._alias
+            action = alias_re.sub(lambda m: m.group(1) + kind, str(action))
+        return super().step(action)
+
+    def _renamed(self, text: str) -> str:
+        if not self._alias:
+            return text
+        kind_re, alias, _, _ = self._alias
+        return kind_re.sub(lambda m: m.group(1) + alias, text)
 
     def _result(self, observation: str) -> StepResult:
         r = super()._result(observation)
@@ -111,7 +127,8 @@ class TWCEnv(TWXEnv):
             wrong = {t.rsplit(" (", 1)[0] for t in self._tried if t.endswith("(score went down)")}
             admissible = [a for a in admissible if a not in wrong]
         done = r.done or len(self._actions) >= self._budget
-        return replace(r, observation=f"{observation.strip()} {moved}".strip() + memory, done=done, admissible=admissible,
+        observation = self._renamed(f"{observation.strip()} {moved}".strip() + memory)
+        return replace(r, observation=observation, done=done, admissible=[self._renamed(a) for a in admissible],
                        info={**r.info, "budget": self._budget})
 
     def expert_action(self) -> str | None:
@@ -119,7 +136,7 @@ class TWCEnv(TWXEnv):
         if a == "look around" and not self._actions:  # reset already showed the room
             self._gold = self._gold[1:]
             a = super().expert_action()
-        return a
+        return None if a is None else self._renamed(a)
 
 
 def game_facts(env: TWCEnv, fold: str, seed: int) -> tuple[str, str, str]:
@@ -142,7 +159,7 @@ class TWCSuite:
 
     env_name = "twc"
 
-    OPTIONS = ("train_games", "dev_games", "eval_games", "pool_games", "budget", "rl_fold", "tried", "prune_tried", "twc_params",
+    OPTIONS = ("train_games", "dev_games", "eval_games", "pool_games", "budget", "rl_fold", "rl_invented", "tried", "prune_tried", "twc_params",
                "games_dir", "max_steps", "seed", "expert")  # the last four: every engine's run options
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
@@ -162,6 +179,12 @@ class TWCSuite:
         self.rl_fold = str(options.get("rl_fold", "train"))
         if self.rl_fold not in ("train", "dev"):
             raise ValueError(f"twc option rl_fold: 'train' or 'dev', got {self.rl_fold!r}")
+        # rl_invented=G: every RL game's object is renamed to an invented name shared by at most
+        # G games of its kind (and receptacle). RL on real names lets a solver learn each training
+        # object's place by heart, so on training tasks a card is redundant and RL stops rewarding
+        # reading it; a name met in only G games cannot be learnt by heart in a run, only read from
+        # a card written from another game with that name (retrieval finds those: same name).
+        self.rl_invented = _int_option(options, "rl_invented", 0, 0, 100)
         self._splits: dict[str, list[Task]] | None = None
         self._env: TWCEnv | None = None
 
@@ -209,6 +232,9 @@ class TWCSuite:
         check_kinds_disjoint(out["train"] + out["dev"], out["eval_unseen"] + out["train_unseen"])
         if self.rl_fold == "dev":
             out["train"], out["dev"] = [replace(t, split="train") for t in out["dev"]], out["train"]
+        if self.rl_invented:
+            real = {task_object(t) for ts in out.values() for t in ts}
+            out["train"] = invent_objects(out["train"], self.rl_invented, real, seed=RL_NAMES_SEED)
         return out
 
     def close(self) -> None:
@@ -278,6 +304,32 @@ def invented_names(n: int, seed: int, avoid: set[str]) -> list[str]:
             patterns.append(object_re(name))
             phrases += f"\nthe {name}."
     return names
+
+
+RL_NAMES_SEED = 7919  # not the warm start's seeds: RL's invented names are new to the clone
+
+
+def invent_objects(tasks: list[Task], per_name: int, avoid: set[str], seed: int) -> list[Task]:
+    """`tasks` with each object renamed to an invented name shared by at most `per_name` games of
+    one kind (a last group of one joins the one before it, so a name always has a game to transfer
+    to, unless its kind has one game). The real kind stays in the meta (`kind`) for the engine:
+    TWCEnv shows the invented name in every text and maps it back in every action."""
+    groups: list[list[Task]] = []
+    for kind in sorted({task_object(t) for t in tasks}):
+        games = [t for t in tasks if task_object(t) == kind]
+        chunks = [games[i : i + per_name] for i in range(0, len(games), per_name)]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            last = chunks.pop()
+            chunks[-1] = chunks[-1] + last
+        groups += chunks
+    names = invented_names(len(groups), seed, avoid)
+    renamed = {}
+    for name, group in zip(names, groups):
+        for t in group:
+            kind = task_object(t)
+            meta = tuple((k, name if k == "object" else v) for k, v in t.meta) + (("kind", kind),)
+            renamed[t.id] = replace(t, description=object_re(kind).sub(lambda m: m.group(1) + name, t.description), meta=meta)
+    return [renamed[t.id] for t in tasks]
 
 
 def rename_object(demo: dict, new: str) -> dict:
