@@ -74,12 +74,13 @@ BUDGETS: dict[str, dict] = {
     # experience from other games with the same object. Results go to docs/results/skill_transfer.*.
     "twc": {
         "about": "twc skill transfer (configs/evolving_twc_tiny.yaml), tiny model from checkpoints/tiny-twc-sft: "
-                 "16 steps of B=4 N=4 K=2 (36 episodes per step) on the dev fold, lr 1e-3, 40 eval games per split, greedy",
+                 "16 steps of B=4 N=4 K=2 (36 episodes per step) on the dev fold's games under invented object names, lr 3e-4, "
+                 "40 eval games per split, greedy",
         "config": CONFIGS / "evolving_twc_tiny.yaml",
         "games": None,
         "results": "skill_transfer",
         "methods": list(METHODS),
-        "overrides": ["train.steps=16", "grpo.lr=1e-3", "train.eval_every=0", "eval.max_tasks=40", "eval.repeats=1"],
+        "overrides": ["train.steps=16", "grpo.lr=3e-4", "train.eval_every=0", "eval.max_tasks=40", "eval.repeats=1"],
     },
     "twc_smoke": {
         "about": "the twc benchmark at test size: 1 step of B=2 N=2 K=2, 4 eval games per split",
