@@ -149,3 +149,108 @@ def test_one_evolving_rl_step_runs_on_vllm_rollouts(games_dir, tmp_path, make_co
     assert stats["loss/optimizer_stepped"] == 1
     assert abs(stats["loss/approx_kl"]) < 1e-6  # on-policy: vLLM's log-probs are the trainer's
     assert trainer.policy.weight_syncs == syncs + 1
+
+
+# ---- LoRA: the engine keeps the base weights, the adapter is handed over per sync ----------
+
+
+@pytest.fixture(scope="module")
+def lora_policy():
+    p = VLLMPolicy(ModelConfig(path=CHECKPOINT, lora={"enabled": True, "r": 8, "alpha": 16}))
+    yield p
+    del p
+
+
+def test_lora_adapter_logprobs_agree_with_score_and_an_update_reaches_the_engine(lora_policy):
+    policy = lora_policy
+    prompts = _prompts(policy, 4)
+    allowed = _allowed(policy)
+    rows = [allowed if i % 2 else None for i in range(4)]
+    assert policy.lora_request is not None and policy.engine.llm_engine.list_loras() == {policy.lora_request.lora_int_id}
+    # a non-zero adapter (peft starts lora_B at zero, which is the base model): every row's
+    # log-probs must be the adapted model's, and differ from the base model's
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    syncs = policy.weight_syncs
+    gens = policy.generate(prompts, temperature=1.0, top_p=0.9, max_new_tokens=24, stop=["</action>"],
+                           allowed=rows, seed=3)
+    assert policy.weight_syncs == syncs + 1
+    assert max(_gap(policy, p, g, a) for p, g, a in zip(prompts, gens, rows)) < TOL
+    base = policy.reference()  # adapters disabled: the base weights
+    assert max(_gap(base, p, g, a) for p, g, a in zip(prompts, gens, rows)) > 100 * TOL, "the adapter changed nothing"
+    # the reference view samples from the base weights through the same engine, without a sync
+    base_gens = base.generate(prompts[:1], temperature=1.0, top_p=1.0, max_new_tokens=12, seed=3)
+    assert _gap(base, prompts[0], base_gens[0], None) < TOL and policy.weight_syncs == syncs + 1
+
+    # optimizer steps on the adapter alone (the base weights are frozen) flip the greedy action
+    prompt = prompts[0]
+    greedy = policy.generate([prompt], temperature=0.0, top_p=1.0, max_new_tokens=24, allowed=[allowed], seed=0)[0]
+    target = next(a for a in allowed if a != greedy.token_ids)
+    seg = Segment(token_ids=prompt + target, logprobs=[0.0] * (len(prompt) + len(target)),
+                  loss_mask=[0] * len(prompt) + [1] * len(target), allowed=allowed)
+    trained = list(policy.parameters())
+    assert trained and all("lora_" in n for n, p in policy.model.named_parameters() if p.requires_grad)
+    old_request = policy.lora_request
+    opt = torch.optim.Adam(trained, lr=2e-2)
+    for _ in range(15):
+        opt.zero_grad()
+        (-policy.score([seg])[0][0][len(prompt):].sum()).backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(policy.score([seg])[0][0][len(prompt):].sum().exp()) > 0.9, "the updates did not make the target likely"
+    after = policy.generate([prompt], temperature=0.0, top_p=1.0, max_new_tokens=24, allowed=[allowed], seed=0)[0]
+    assert policy.weight_syncs == syncs + 2
+    assert after.token_ids == target and greedy.token_ids != target
+    assert _gap(policy, prompt, after, allowed) < TOL
+    # a fresh adapter id and directory; the old one gone from the engine and the disk
+    new = policy.lora_request
+    assert new.lora_int_id != old_request.lora_int_id and new.lora_path != old_request.lora_path
+    assert policy.engine.llm_engine.list_loras() == {new.lora_int_id}
+    assert not os.path.exists(old_request.lora_path)
+    assert os.listdir(os.path.dirname(new.lora_path)) == [os.path.basename(new.lora_path)]
+
+
+def test_lora_rank_vllm_cannot_serve_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"model.lora.r=600"):
+        VLLMPolicy(ModelConfig(path=CHECKPOINT, lora={"enabled": True, "r": 600}))
+
+
+def test_one_evolving_rl_step_with_lora_runs_on_vllm_rollouts(games_dir, tmp_path, make_config):
+    from evolving_rl.train import Trainer
+
+    cfg = make_config(games_dir, CHECKPOINT, tmp_path / "run", "algorithm=evolving", "train.steps=1",
+                      "model.backend=vllm", "model.lora.enabled=true",
+                      "eval.splits=[eval_seen]", "eval.max_tasks=1",
+                      "rollout.solver.max_new_tokens=24", "rollout.extractor.max_new_tokens=64",
+                      "evolving.max_trajectory_chars=3000")
+    trainer = Trainer(cfg)
+    try:
+        policy = trainer.policy
+        assert isinstance(policy, VLLMPolicy) and policy.lora_request is not None
+
+        def gaps(batch):  # each sampled token's log-prob vs the one the trainer scores now
+            out = []
+            for s in batch[:20]:
+                lp, _ = policy.score([s.segment])[0]
+                mask = torch.tensor(s.segment.loss_mask, dtype=torch.bool)
+                out.append(float((lp[mask] - torch.tensor(s.segment.logprobs)[mask]).abs().max()))
+            return out
+
+        samples, m = trainer.algorithm.collect(0)
+        before_gaps = gaps(samples)
+        stats = trainer.updater.update(samples)
+        first = policy.lora_request
+        after, _ = trainer.algorithm.collect(1)  # on the updated adapter
+        after_gaps = gaps(after)
+        moved = max(float(p.detach().abs().max()) for n, p in policy.model.named_parameters() if "lora_B" in n)
+    finally:
+        trainer.close()
+    assert {s.role for s in samples} == {"solver", "extractor"}
+    assert stats["loss/optimizer_stepped"] == 1
+    assert abs(stats["loss/approx_kl"]) < 1e-6  # on-policy: vLLM's log-probs are the trainer's
+    assert moved > 0, "the update left the adapter at zero: the after-update check would test the base model"
+    assert policy.lora_request.lora_int_id != first.lora_int_id  # the updated adapter went to the engine
+    assert max(before_gaps) < TOL and max(after_gaps) < TOL, (before_gaps, after_gaps)

@@ -28,6 +28,17 @@ versions with those at the last sync and, if any moved, loads the current weight
 running engine (`load_weights`, no restart) and clears its prefix cache. `sync_weights()`
 does it explicitly.
 
+LoRA (`model.lora.enabled`): the engine keeps the base weights and runs with vLLM's own
+LoRA layers; a sync writes the current adapter (peft's adapter_config.json and
+safetensors, a few MB at 7B) to a fresh directory and hands it to the engine as a new
+`LoRARequest` with a fresh id, so no full-weight copy. A fresh id, not an in-place reload of
+one id: vLLM's prefix cache keys blocks by the adapter's name and path, so KV computed under
+an older adapter can never be reused. The previous adapter is removed from the engine and its
+directory deleted. The first sync runs at start-up (the adapters are zero then, so the
+engine's distribution is the base model's), which also checks that vLLM can apply LoRA to
+`model.lora.target_modules` before any rollout. The reference view (`reference()`, adapters
+disabled) samples from the base weights: no adapter.
+
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the logits processor
 reports log Z through memory shared with this object, and weights are loaded by reference.
 That is the colocated setting (one device holds trainer and engine); engines on other GPUs
@@ -38,7 +49,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import threading
+import typing
+import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -157,11 +173,8 @@ class VLLMPolicy(HFPolicy):
     """
 
     def __init__(self, cfg: Any, device: str | torch.device = "cpu", *, engine_kwargs: dict | None = None, **kw: Any) -> None:
-        if cfg.lora.enabled:
-            # Loading merged LoRA weights every step would copy the whole model; vLLM's own
-            # LoRA adapters are the way, not built yet.
-            raise ValueError("model.backend: vllm does not support model.lora yet; use model.backend: hf with LoRA")
         vllm = _require_vllm()  # before loading anything: a missing vLLM fails at once
+        lora_rank = _engine_lora_rank(cfg.lora.r) if cfg.lora.enabled else None
         super().__init__(cfg, device, **kw)
         kwargs: dict[str, Any] = {
             "dtype": {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.dtype, "auto"),
@@ -176,11 +189,21 @@ class VLLMPolicy(HFPolicy):
         }
         if self.device.type == "cpu":
             kwargs.update(gpu_memory_utilization=0.05, kv_cache_memory_bytes=512 << 20)
+        if lora_rank is not None:
+            # one adapter live at a time (the current policy's); room for two while a sync swaps
+            # them. vLLM holds the adapter in the base weights' dtype (float32 in the tests).
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1, max_cpu_loras=2)
         kwargs.update(engine_kwargs or {})
         self.engine = vllm.LLM(model=str(cfg.path), tokenizer=str(cfg.path), **kwargs)
         self._sampling_params = vllm.SamplingParams
         self._synced_versions = self._versions()
         self.weight_syncs = 0
+        self.lora_request: Any = None  # the engine's current adapter (LoRA only)
+        if lora_rank is not None:
+            self._adapter_root = Path(tempfile.mkdtemp(prefix="evolving-rl-vllm-lora-"))
+            weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
+            self._lora_ids = itertools.count(1)
+            self.sync_weights()
 
     # ---- weights ------------------------------------------------------------------------
 
@@ -188,17 +211,44 @@ class VLLMPolicy(HFPolicy):
         return [p._version for p in self._base_model().parameters()]
 
     def sync_weights(self) -> None:
-        """Load the transformers model's current weights into the engine (no restart)."""
-        state = [(k, v.detach()) for k, v in self._base_model().state_dict().items()]
-        # vLLM's in-place reload, not `model.load_weights`: after loading, vLLM repacks weights
-        # into its kernels' layouts (oneDNN on CPU, fused qkv/gate_up everywhere), and the
-        # reload path redoes that processing from checkpoint-format tensors.
-        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state), "is_checkpoint_format": True})
+        """Load the transformers model's current weights (LoRA: its adapter) into the engine (no restart)."""
+        if self.cfg.lora.enabled:
+            self._sync_adapter()
+        else:
+            state = [(k, v.detach()) for k, v in self._base_model().state_dict().items()]
+            # vLLM's in-place reload, not `model.load_weights`: after loading, vLLM repacks weights
+            # into its kernels' layouts (oneDNN on CPU, fused qkv/gate_up everywhere), and the
+            # reload path redoes that processing from checkpoint-format tensors.
+            self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state), "is_checkpoint_format": True})
         self.engine.reset_prefix_cache()  # cached KV was computed by the old weights
         self._synced_versions = self._versions()
         self.weight_syncs += 1
 
+    def _sync_adapter(self) -> None:
+        from vllm.lora.request import LoRARequest
+
+        lora_id = next(self._lora_ids)
+        path = self._adapter_root / f"adapter-{lora_id}"
+        self.model.save_pretrained(path)  # peft: the adapter only
+        request = LoRARequest(lora_name=f"policy-{lora_id}", lora_int_id=lora_id, lora_path=str(path))
+        try:
+            # loaded now rather than with the next request, so a bad adapter fails here
+            self.engine.llm_engine.add_lora(request)
+        except Exception as e:  # vLLM raises ValueError/RuntimeError/KeyError for adapters it cannot apply
+            shutil.rmtree(path, ignore_errors=True)
+            raise ValueError(
+                f"model.lora: vLLM could not load the adapter (target_modules={list(self.cfg.lora.target_modules)}, "
+                f"r={self.cfg.lora.r}): {type(e).__name__}: {e}. Target modules vLLM supports for this model "
+                "(Llama/Qwen: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or use model.backend: hf"
+            ) from None
+        old, self.lora_request = self.lora_request, request
+        if old is not None:
+            self.engine.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
     def _sync_if_stale(self) -> None:
+        if self._adapters_disabled:
+            return  # the LoRA reference view samples from the base weights, which never change
         if self._versions() != self._synced_versions:
             self.sync_weights()
 
@@ -246,7 +296,8 @@ class VLLMPolicy(HFPolicy):
             )
         try:
             outputs = self.engine.generate(
-                [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
+                [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
+                lora_request=None if self._adapters_disabled else self.lora_request,
             )
             results = []
             for out, key in zip(outputs, keys):
@@ -273,3 +324,15 @@ class VLLMPolicy(HFPolicy):
                 for key in keys:
                     if key is not None:
                         _REQUESTS.pop(key, None)
+
+
+def _engine_lora_rank(r: int) -> int:
+    """vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds `r`."""
+    from vllm.config.lora import MaxLoRARanks
+
+    ranks = sorted(typing.get_args(MaxLoRARanks))
+    fits = [k for k in ranks if k >= r]
+    if not fits:
+        raise ValueError(f"model.lora.r={r}: vLLM serves LoRA ranks up to {ranks[-1]}; lower model.lora.r "
+                         "or use model.backend: hf")
+    return fits[0]
