@@ -363,6 +363,10 @@ class TrainConfig(_Strict):
     eval_max_tasks: int | None = Field(None, ge=1, description="Cap per split for periodic evaluation.")
     tensorboard: bool = Field(True, description="Write TensorBoard scalars under <run_dir>/tb (if installed).")
     wandb: bool = Field(False, description="Log to Weights & Biases (pip install 'evolving-rl[wandb]').")
+    sharding: Literal["zero1", "fsdp"] = Field(
+        "zero1", description="Over several processes: zero1 shards AdamW's moments only (weights and gradients whole on "
+        "every process); fsdp shards weights, gradients and moments too (torch FSDP2), gathering the whole weights for "
+        "the rollouts and for each micro-batch of the update. One process: ignored.")
 
 
 class RunConfig(_Strict):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evolving_rl import algorithms
+from evolving_rl import algorithms, distributed
 from evolving_rl.algorithms.base import StepParts
 from evolving_rl.builders import build_policy, build_pool, build_reference, build_rollout, build_suite
 from evolving_rl.common import TaskCursor, check_no_overlap, prompt_mismatch, snapshot_sqlite
@@ -137,8 +137,16 @@ class Trainer:
         if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
             raise ValueError(
                 f"accelerate distributed_type: {self.accelerator.distributed_type.value} is not supported: every "
-                "process holds whole weights (its rollouts generate from them) and the trainer shards the optimizer "
-                "state itself (ZeRO stage 1); launch with configs/accelerate/multi_gpu_8.yaml (MULTI_GPU) or torchrun")
+                "process holds whole weights (its rollouts generate from them) and the trainer shards itself (train.sharding: "
+                "zero1, or fsdp for weights and gradients too); launch with configs/accelerate/multi_gpu_8.yaml (MULTI_GPU) "
+                "or torchrun")
+        self.fully_sharded = cfg.train.sharding == "fsdp" and self.accelerator.num_processes > 1
+        if self.fully_sharded and cfg.model.lora.enabled:
+            raise ValueError("train.sharding: fsdp shards a full fine-tune; LoRA (model.lora.enabled) trains on one GPU "
+                             "with whole weights: set train.sharding: zero1")
+        if self.fully_sharded and cfg.model.backend != "hf":
+            raise ValueError(f"train.sharding: fsdp needs model.backend: hf (got {cfg.model.backend!r}): syncing "
+                             "sharded weights into a vLLM engine is not built; set train.sharding: zero1")
         if not self.main:
             self.print = lambda x: None
         # LoRA resumes from the base weights plus the saved adapter (trainer.pt), not from the
@@ -149,8 +157,10 @@ class Trainer:
             self.print(f"warning: {warn}")
         # The KL anchor is the *initial* policy, also after a resume.
         self.reference = build_reference(cfg, self.policy, resumed=bool(latest), device=self.accelerator.device)
+        if self.fully_sharded:  # after the reference's copy of the whole weights
+            distributed.fully_shard_model(self.policy.model, self.policy.autocast_dtype)
         self.updater = GRPOUpdater(self.policy, self.reference, cfg.grpo, step_cls.roles(cfg), accelerator=self.accelerator,
-                                   optimizer=self._sharded_optimizer())
+                                   optimizer=self._sharded_optimizer(), fully_sharded=self.fully_sharded)
         self.pool = build_pool(cfg)
         try:
             self.rollout = build_rollout(cfg, self.policy, self.pool)
@@ -184,8 +194,9 @@ class Trainer:
         """Over several processes, AdamW as ZeRO stage 1: each process keeps the Adam moments of
         its 1/n of the weights (7B in fp32: 56 GB of moments, 7 GB per GPU on 8) and broadcasts
         the weights it stepped; weights and gradients stay whole on every process, so rollouts
-        generate from them as in one process. None (the updater's plain AdamW) in one process."""
-        if self.accelerator.num_processes == 1:
+        generate from them as in one process. None (the updater's plain AdamW) in one process, and
+        under train.sharding: fsdp, where the weights it is built on are shards already."""
+        if self.accelerator.num_processes == 1 or self.fully_sharded:
             return None
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -242,7 +253,12 @@ class Trainer:
 
     def evaluate(self, tag: str) -> list:
         """Periodic evaluations play each task once; the final one uses eval.repeats. The first
-        process evaluates alone (generation needs no other process: each holds whole weights)."""
+        process evaluates alone (generation needs no other process: each holds whole weights;
+        under fsdp every process gathers them, the others then wait)."""
+        with distributed.whole_weights(self.policy.model):
+            return self._evaluate(tag)
+
+    def _evaluate(self, tag: str) -> list:
         if not self.main:
             return []
         final = tag == "final"
@@ -265,7 +281,8 @@ class Trainer:
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             pool_before = dict(getattr(self.pool, "stats", {}))
-            samples, info = self.algorithm.collect(self.step)
+            with distributed.whole_weights(self.policy.model):  # fsdp: gathered for the rollouts, then freed
+                samples, info = self.algorithm.collect(self.step)
             t1 = time.perf_counter()
             stats = namespaced_update(self.updater.update(samples)) if samples else {"loss/skipped": 1}
             timing = {"time/collect_s": t1 - t0, "time/update_s": time.perf_counter() - t1}
@@ -325,6 +342,7 @@ class Trainer:
     def save(self) -> Path | None:
         if hasattr(self.updater.optimizer, "consolidate_state_dict"):  # ZeRO: every process sends its share
             self.updater.optimizer.consolidate_state_dict(to=0)
+        whole = distributed.full_state(self.policy.model, self.updater.optimizer) if self.fully_sharded else None
         if not self.main:  # every process holds the same weights and RNGs; the first writes them
             return None
         name = f"step_{self.step:06d}"
@@ -332,10 +350,13 @@ class Trainer:
         tmp = self.ckpt_dir / (name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.policy.save(tmp / "model")
+        if whole is not None:  # fsdp: the gathered float32 weights, as one process would write them
+            self._save_whole(tmp / "model", whole[0])
+        else:
+            self.policy.save(tmp / "model")
         torch.save(
             {
-                "optimizer": self.updater.optimizer.state_dict(),
+                "optimizer": whole[1] if whole is not None else self.updater.optimizer.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                 "algorithm": self.algorithm.state_dict(),
                 "adapter": self._adapter_state(),
@@ -352,6 +373,15 @@ class Trainer:
         for old in done[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _save_whole(self, out: Path, weights: dict) -> None:
+        model = self.policy.model
+        model.save_pretrained(out, state_dict=weights)
+        self.policy.tokenizer.save_pretrained(out)
+        # save_pretrained names the class it was called on: FSDP2's wrapper (FSDPLlamaForCausalLM)
+        config = json.loads((out / "config.json").read_text())
+        config["architectures"] = [a.removeprefix("FSDP") for a in config.get("architectures") or []]
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @staticmethod
     def _write_atomic(path: Path, text: str) -> None:
@@ -385,7 +415,7 @@ class Trainer:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.policy.model, blob["adapter"])
-        self.updater.optimizer.load_state_dict(blob["optimizer"])
+        self._load_optimizer(blob["optimizer"], path)
         random.setstate(blob["rng"]["python"])
         np.random.set_state(blob["rng"]["numpy"])
         torch.set_rng_state(blob["rng"]["torch"])
@@ -404,6 +434,18 @@ class Trainer:
         if initial.is_file():
             self.initial = load_results(initial)
         self.print(f"resumed from {path} at step {self.step}")
+
+    def _load_optimizer(self, state: dict, path: Path) -> None:
+        # fsdp writes the state keyed by parameter names, one process and zero1 by position
+        by_name = any(isinstance(k, str) for k in state.get("state", {}))
+        if by_name != self.fully_sharded and state.get("state"):
+            wrote, now = ("fsdp", "zero1 or one process") if by_name else ("zero1 or one process", "fsdp")
+            raise ValueError(f"{path}: its optimizer state was written under train.sharding {wrote}, this run uses "
+                             f"{now}; resume with the train.sharding (and process count > 1 for fsdp) that wrote it")
+        if self.fully_sharded:
+            distributed.load_full_optimizer_state(self.policy.model, self.updater.optimizer, state)
+        else:
+            self.updater.optimizer.load_state_dict(state)
 
     def _trim_metrics(self, keep_through: int | None, keep_final: bool = False) -> None:
         """Drop rows written after the checkpoint (and a final evaluation that will run again),

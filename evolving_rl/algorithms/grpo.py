@@ -355,8 +355,12 @@ class GRPOUpdater:
         roles: dict[str, RoleConfig] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         accelerator: Any | None = None,
+        fully_sharded: bool = False,
     ) -> None:
         self.policy = policy
+        # train.sharding: fsdp. The weights' FSDP unit reduce-scatters the gradients itself, in
+        # every backward, so every process must run as many micro-batches as the others.
+        self.fully_sharded = fully_sharded
         self.reference_policy = reference_policy
         self.cfg = cfg
         self.roles = roles
@@ -436,16 +440,23 @@ class GRPOUpdater:
             order = sorted(range(len(active)), key=lambda i: -len(active[i][0].segment.token_ids))
             shard = [active[i] for i in order[rank::world]]
         metrics["loss/process_samples"] = float(len(shard))
-        for chunk in micro_batches([len(s.segment.token_ids) for s, _, _ in shard], cfg.micro_batch_tokens):
-            batch = [shard[i] for i in chunk]
+        chunks = micro_batches([len(s.segment.token_ids) for s, _, _ in shard], cfg.micro_batch_tokens)
+        padding = self._padding_micro_batches(len(chunks)) if world > 1 and self.fully_sharded and active else 0
+        for chunk in chunks + [None] * padding:
+            # None: a zero-weight pass over one sample, a gradient of exactly 0 that keeps this
+            # process's collectives in step with a process that has more micro-batches
+            batch = [shard[i] for i in chunk] if chunk is not None else [active[-1]]
             terms = self._micro_batch_terms(batch)
-            w = torch.tensor([w for _, _, w in batch], dtype=terms["loss"].dtype, device=terms["loss"].device)
+            w = torch.tensor([w if chunk is not None else 0.0 for _, _, w in batch], dtype=terms["loss"].dtype,
+                             device=terms["loss"].device)
             loss = (w * terms["loss"]).sum()  # this chunk's share of the batch loss
             if self.accelerator is not None:
                 self.accelerator.backward(loss)
             else:
                 loss.backward()
             total += loss.item()
+            if chunk is None:
+                continue
             for b, (s, _, wb) in enumerate(batch):
                 acc = sums[s.role]
                 for k in _SAMPLE_MEAN_TERMS:
@@ -462,6 +473,8 @@ class GRPOUpdater:
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
+            if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a DTensor of the partial norms
+                grad_norm = grad_norm.full_tensor()
             metrics["loss/grad_norm"] = float(grad_norm)
         else:
             metrics["loss/grad_norm"] = 0.0  # nothing to learn from: no step, optimizer state unchanged
@@ -508,19 +521,29 @@ class GRPOUpdater:
                 "process must pass the same whole batch to update() (it shards the batch itself)"
             )
 
+    def _padding_micro_batches(self, mine: int) -> int:
+        """How many zero-weight micro-batches this process adds to reach the most any process has."""
+        import torch.distributed as dist
+
+        most = torch.tensor([mine], dtype=torch.long)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most.item()) - mine
+
     def _sum_over_processes(self, total: float, sums: dict) -> tuple[float, dict]:
         """Sum the shards' gradients (every process, also one whose shard was empty, since the
-        collective needs all of them) and their metric sums."""
+        collective needs all of them; under FSDP its backward has summed them already) and
+        their metric sums."""
         import torch.distributed as dist
         from accelerate.utils import gather_object
 
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p, g in zip(self.params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+        if not self.fully_sharded:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p, g in zip(self.params, grads):
+                p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+                offset += g.numel()
         merged: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         parts = gather_object([(total, {r: dict(v) for r, v in sums.items()})])
         for _, part in parts:
