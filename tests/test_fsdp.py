@@ -100,3 +100,16 @@ def test_fsdp_trainer_checkpoint_resumes_where_it_left_off(games_dir, tmp_path):
     assert all(v["exp_avg"].shape == step1.get(k, step1.get("model.embed_tokens.weight")).shape for k, v in state.items())
     rows = [json.loads(x) for x in (tmp_path / "resumed" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+
+
+@pytest.mark.slow
+def test_fsdp_with_lora_is_refused_naming_the_field(games_dir, tmp_path):
+    from conftest import tiny_config
+
+    from evolving_rl.config import save_config
+
+    save_config(tiny_config(games_dir, CHECKPOINT, tmp_path / "run", "train.sharding=fsdp", "model.lora.enabled=true"),
+                tmp_path / "config.yaml")
+    err = _launch("_fsdp_train.py", 2, str(tmp_path), str(tmp_path / "config.yaml"), expect_ok=False)
+    assert "train.sharding: fsdp shards a full fine-tune" in err and "set train.sharding: zero1" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
