@@ -149,8 +149,9 @@ def test_skill_transfer_table_smoke_budget(tmp_path):
 
 
 def test_bad_options_name_the_option():
-    with pytest.raises(ValueError, match="unknown env.options \\['budgt'\\]"):
+    with pytest.raises(ValueError, match="unknown env.options \\['budgt'\\]") as e:
         twc.TWCSuite({"budgt": 3})
+    assert all(o in str(e.value) for o in ("budget", "rl_invented", "prune_tried", "twc_params"))  # every option offered
     with pytest.raises(ValueError, match="twc option budget: expected an integer in 2..100, got 1"):
         twc.TWCSuite({"budget": 1})
     with pytest.raises(ValueError, match="unknown split 'eval'"):

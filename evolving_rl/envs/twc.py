@@ -165,7 +165,7 @@ class TWCSuite:
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         options = dict(options or {})
         if unknown := sorted(set(options) - set(self.OPTIONS)):  # a misspelt budget would silently be 5
-            raise ValueError(f"twc: unknown env.options {unknown}; allowed: {', '.join(self.OPTIONS[:8])}")
+            raise ValueError(f"twc: unknown env.options {unknown}; allowed: {', '.join(self.OPTIONS[:-4])}")
         self.train_games = _int_option(options, "train_games", 600, 1, 800)
         self.dev_games = _int_option(options, "dev_games", 600, 0, 1000)
         self.eval_games = _int_option(options, "eval_games", 40, 1, 100)
