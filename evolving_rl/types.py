@@ -6,8 +6,7 @@ wrong place (DESIGN.md).
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Role = Literal["solver", "extractor"]
@@ -48,7 +47,7 @@ class Task:
         budget. Training's sources play as evaluation's experience does, so the extractor is
         rewarded for the trajectories it will be given."""
         meta = tuple((k, v) for k, v in self.meta if k != "budget")
-        return self if meta == self.meta else dataclasses.replace(self, meta=meta)
+        return self if meta == self.meta else replace(self, meta=meta)
 
     @classmethod
     def from_dict(cls, d: dict) -> Task:

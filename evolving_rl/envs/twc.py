@@ -87,7 +87,10 @@ class TWCEnv(TWXEnv):
             if not isinstance(v, bool):
                 raise ValueError(f"twc option {key}: expected true or false, got {v!r}")
         self._tried: list[str] = []
-        self._alias: tuple[re.Pattern, str, re.Pattern, str] | None = None
+        # rl_invented games: (real kind's pattern, invented name) for what the agent reads, and
+        # (invented name's pattern, real kind) for the actions the engine gets
+        self._to_agent: tuple[re.Pattern, str] | None = None
+        self._to_engine: tuple[re.Pattern, str] | None = None
 
     def reset(self, task: Task) -> StepResult:
         if not task.locator.startswith("twc/"):
@@ -96,23 +99,21 @@ class TWCEnv(TWXEnv):
         self._budget = min(self.max_steps, int(meta.get("budget", self.max_steps)))
         self._score = 0.0
         self._tried = []
-        kind, alias = str(meta.get("kind", "")), str(meta.get("object", ""))
-        self._alias = (object_re(kind), alias, object_re(alias), kind) if meta.get("kind") and alias != kind else None
+        kind, name = str(meta.get("kind", "")), str(meta.get("object", ""))
+        invented = bool(kind) and name != kind
+        self._to_agent = (object_re(kind), name) if invented else None
+        self._to_engine = (object_re(name), kind) if invented else None
         r = super().reset(task)
         self.description = task.description or self.description  # the suite's names the object
         return r
 
     def step(self, action: str) -> StepResult:
-        if self._alias:  # the agent names the invented object; the engine knows only its kind
-            _, _, alias_re, kind = self._alias
-            action = alias_re.sub(lambda m: m.group(1) + kind, str(action))
+        if self._to_engine:  # the agent names the invented object; the engine knows only its kind
+            action = renamed(str(action), *self._to_engine)
         return super().step(action)
 
     def _renamed(self, text: str) -> str:
-        if not self._alias:
-            return text
-        kind_re, alias, _, _ = self._alias
-        return kind_re.sub(lambda m: m.group(1) + alias, text)
+        return renamed(text, *self._to_agent) if self._to_agent else text
 
     def _result(self, observation: str) -> StepResult:
         r = super()._result(observation)
@@ -254,6 +255,11 @@ def object_re(kind: str) -> re.Pattern:
     return re.compile(rf"(\b(?:take|put|the|The|a|an) ){re.escape(kind)}(?= in\b| goes\b| does\b|[.,;:\"]|$)", re.M)
 
 
+def renamed(text: str, pattern: re.Pattern, new: str) -> str:
+    """`text` with the object that `pattern` (an `object_re`) finds called `new`."""
+    return pattern.sub(lambda m: m.group(1) + new, text)
+
+
 def check_kinds_disjoint(training: list[Task] | list[dict], held_out: list[Task] | list[dict], what: str = "training data") -> None:
     """Raise if an object kind of the held-out tasks occurs in `training` (tasks or demo records'
     tasks), or in any text of the demo records (observations, cards): the unseen kinds must
@@ -314,22 +320,25 @@ def invent_objects(tasks: list[Task], per_name: int, avoid: set[str], seed: int)
     one kind (a last group of one joins the one before it, so a name always has a game to transfer
     to, unless its kind has one game). The real kind stays in the meta (`kind`) for the engine:
     TWCEnv shows the invented name in every text and maps it back in every action."""
+    by_kind: dict[str, list[Task]] = {}
+    for t in tasks:
+        by_kind.setdefault(task_object(t), []).append(t)
     groups: list[list[Task]] = []
-    for kind in sorted({task_object(t) for t in tasks}):
-        games = [t for t in tasks if task_object(t) == kind]
+    for kind in sorted(by_kind):
+        games = by_kind[kind]
         chunks = [games[i : i + per_name] for i in range(0, len(games), per_name)]
         if len(chunks) > 1 and len(chunks[-1]) == 1:
             last = chunks.pop()
             chunks[-1] = chunks[-1] + last
         groups += chunks
     names = invented_names(len(groups), seed, avoid)
-    renamed = {}
+    out = {}
     for name, group in zip(names, groups):
         for t in group:
             kind = task_object(t)
             meta = tuple((k, name if k == "object" else v) for k, v in t.meta) + (("kind", kind),)
-            renamed[t.id] = replace(t, description=object_re(kind).sub(lambda m: m.group(1) + name, t.description), meta=meta)
-    return [renamed[t.id] for t in tasks]
+            out[t.id] = replace(t, description=renamed(t.description, object_re(kind), name), meta=meta)
+    return [out[t.id] for t in tasks]
 
 
 def rename_object(demo: dict, new: str) -> dict:
@@ -340,7 +349,7 @@ def rename_object(demo: dict, new: str) -> dict:
 
     def sub(x: Any) -> Any:
         if isinstance(x, str):
-            return pattern.sub(lambda m: m.group(1) + new, x)
+            return renamed(x, pattern, new)
         if isinstance(x, list):
             return [sub(v) for v in x]
         if isinstance(x, dict):
