@@ -46,18 +46,28 @@ def gather(obj: Any) -> list[Any]:
 
 # -- train.sharding: fsdp --------------------------------------------------------------------
 #
-# The model is one FSDP2 unit (`fully_shard` on the root only). Per-layer units would keep
-# less of the model whole at once, but every FSDP forward then all-gathers, and the number of
-# forward calls of an update differs between processes: `HFPolicy.score` runs a shared
-# prefix and then length buckets, a plan that depends on each process's shard. With one unit
-# the collectives of an update are one all-gather and one reduce-scatter per micro-batch,
-# whatever the calls inside it, so processes stay in step when they run equally many
-# micro-batches (the updater pads the shorter shards with zero-weight ones).
+# One FSDP2 unit per decoder layer, then the root (embeddings, final norm, output layer): an
+# update's forward gathers a layer, runs it and frees it, and its backward gathers it again and
+# reduce-scatters its gradients, so only a layer or two (and the root) are ever whole. Every
+# unit's all-gather is a collective, so every process must make the same forward and backward
+# calls: the updater gives each process equally many micro-batches (zero-weight ones pad the
+# shorter shards) and `HFPolicy.score` runs each micro-batch as one forward call
+# (`one_forward_per_score`). Generation needs the whole weights on each process with no
+# collective per decode step: `whole_weights` gathers every unit once and keeps them.
+
+
+def layer_units(model: Any) -> list[Any]:
+    """The modules that get a unit of their own: Hugging Face's `_no_split_modules` (the decoder
+    layer class, e.g. Qwen2DecoderLayer), the same choice as accelerate's transformer auto-wrap."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    # by the class's ancestry: a sharded layer's class is FSDP<name>, a subclass of <name>
+    return [m for m in model.modules() if m is not model and any(c.__name__ in names for c in type(m).__mro__)]
 
 
 def fully_shard_model(model: Any, compute_dtype: Any = None) -> Any:
     """Shard `model`'s weights, gradients (and so the optimizer state built on them) over the
-    processes. `compute_dtype` (bf16 on GPUs): the weights are gathered in it for forward passes
+    processes, one unit per decoder layer (`layer_units`; one unit for the whole model if it
+    names none). `compute_dtype` (bf16 on GPUs): weights are gathered in it for forward passes
     and gradients reduced in float32 into the float32 shards (FSDP2's MixedPrecisionPolicy).
     Gradients are summed, not averaged: each process's loss is already its share of the batch
     loss, as in the updater's own all-reduce."""
@@ -66,9 +76,12 @@ def fully_shard_model(model: Any, compute_dtype: Any = None) -> Any:
 
     mp = MixedPrecisionPolicy() if compute_dtype is None else MixedPrecisionPolicy(
         param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
-    model.set_gradient_divide_factor(1.0)
-    model.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM / AVG reduce-scatter
+    for layer in layer_units(model):
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)  # used first in backward: keep it
+    for unit in _units(model):  # both setters act on one unit only
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM / AVG reduce-scatter
     return model
 
 
@@ -78,23 +91,52 @@ def is_fully_sharded(model: Any) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _units(model: Any) -> list[Any]:
+    """The model's FSDP units, in module order (the same on every process)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 class whole_weights:
-    """Every process holds the whole weights inside this block (one all-gather, collective:
-    every process must enter it), so each generates its own rollouts with no further
-    communication; on leaving, the gathered copy is freed. Its cost: the model once more in
-    the compute dtype (Qwen2.5-7B in bf16: 15 GB per GPU) for the rollout phase. The identity
-    for a model that is not sharded."""
+    """Every process holds the whole weights inside this block (one all-gather per unit,
+    collective: every process must enter it) and keeps them through every forward call, so each
+    generates its own rollouts with no further communication; on leaving, the gathered copy is
+    freed and the layers reshard after each forward again. Its cost: the model once more in the
+    compute dtype (Qwen2.5-7B in bf16: 15 GB per GPU) for the rollout phase. The identity for a
+    model that is not sharded."""
 
     def __init__(self, model: Any) -> None:
         self.model = model if is_fully_sharded(model) else None
 
     def __enter__(self) -> None:
         if self.model is not None:
-            self.model.unshard()
+            units = _units(self.model)
+            for unit in units:
+                unit.set_reshard_after_forward(False, recurse=False)
+            for handle in [unit.unshard(async_op=True) for unit in units]:
+                handle.wait()
 
     def __exit__(self, *exc: Any) -> None:
         if self.model is not None:
-            self.model.reshard()
+            for unit in _units(self.model):
+                unit.reshard()
+                unit.set_reshard_after_forward(unit is not self.model, recurse=False)
+
+
+def store_in_compute_dtype(model: Any, dtype: Any) -> Any:
+    """The frozen KL reference's linear layers stored in `dtype` (bf16), the rest (embeddings,
+    norms) kept: under autocast to `dtype` a linear layer casts its float32 weight to `dtype`
+    before every matmul, so storing it cast gives bit-identical log-probs in half the memory
+    (Qwen2.5-7B: 14 GB instead of 28 GB per GPU). A weight tied to the input embeddings stays:
+    the embedding lookup is not autocast."""
+    import torch
+
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied:
+            m.to(dtype)
+    return model
 
 
 def full_state(model: Any, optimizer: Any) -> tuple[dict, dict]:

@@ -158,6 +158,8 @@ class Trainer:
         # The KL anchor is the *initial* policy, also after a resume.
         self.reference = build_reference(cfg, self.policy, resumed=bool(latest), device=self.accelerator.device)
         if self.fully_sharded:  # after the reference's copy of the whole weights
+            if self.policy.autocast_dtype is not None:  # read only, computed in it: same log-probs
+                distributed.store_in_compute_dtype(self.reference.model, self.policy.autocast_dtype)
             distributed.fully_shard_model(self.policy.model, self.policy.autocast_dtype)
         self.updater = GRPOUpdater(self.policy, self.reference, cfg.grpo, step_cls.roles(cfg), accelerator=self.accelerator,
                                    optimizer=self._sharded_optimizer(), fully_sharded=self.fully_sharded)

@@ -49,8 +49,22 @@ def test_fsdp_update_equals_one_process_and_resumes(tmp_path):
     assert ranks[0]["gen"] == single["gen"] and ranks[1]["gen"] != single["gen"]
     for key in ("loss/total", "loss/num_samples", "loss/pg", "loss/kl", "loss/clip_frac", "loss/grad_norm"):
         for r in ranks:
-            assert r["metrics"][1][key] == pytest.approx(single["metrics"][1][key], rel=1e-5, abs=1e-7), key
-    assert sorted(r["metrics"][0]["loss/process_samples"] for r in ranks) == [6.0, 6.0]
+            for step in (0, 1):
+                assert r["metrics"][step][key] == pytest.approx(single["metrics"][step][key], rel=1e-5, abs=1e-7), key
+    # one unit per decoder layer and the root; an update's forward holds at most the running
+    # layer and the next (prefetched) whole, generation all of them
+    layers = 4
+    assert [r["units"] for r in ranks] == [layers + 1] * 2
+    assert single["metrics"][0]["most_whole_layers"] == layers
+    for r in ranks:
+        assert 1 <= r["metrics"][0]["most_whole_layers"] <= 2 and r["generation_whole_layers"] == layers
+    # the first step's shards differ in micro-batches: the shorter one pads, so both processes
+    # make the same forward calls (one per micro-batch), as many as the longer shard has
+    first = [r["metrics"][0] for r in ranks]
+    assert sorted(m["loss/process_samples"] for m in first) == [5.0, 6.0]
+    assert first[0]["own_micro_batches"] != first[1]["own_micro_batches"]
+    assert [m["forwards"] for m in first] == [max(m["own_micro_batches"] for m in first)] * 2
+    assert sorted(r["metrics"][1]["loss/process_samples"] for r in ranks) == [6.0, 6.0]
     # the whole state written after step 1, loaded into freshly sharded models: step 2 again
     for k, w in ranks[0]["second"]["weights"].items():
         assert float((ranks[0]["resumed"]["weights"][k] - w).abs().max()) < ATOL, f"{k}: resume diverged"
@@ -70,6 +84,8 @@ def test_fsdp_trainer_checkpoint_resumes_where_it_left_off(games_dir, tmp_path):
 
     overrides = [f"env.games_dir={games_dir}", f"model.path={CHECKPOINT}", "algorithm=grpo", "train.steps=2",
                  "train.sharding=fsdp", "grpo.entropy_coef=-0.03",  # a gradient from every sample
+                 # the 8-GPU config's path: bf16 compute, checkpointed layers, bf16 reference
+                 "model.autocast=bfloat16", "model.gradient_checkpointing=true",
                  "eval.splits=[eval_seen]", "eval.protocols=[no_skill]", "eval.max_tasks=1"]
     runs = {}
     for name in ("straight", "resumed"):
@@ -113,3 +129,58 @@ def test_fsdp_with_lora_is_refused_naming_the_field(games_dir, tmp_path):
     err = _launch("_fsdp_train.py", 2, str(tmp_path), str(tmp_path / "config.yaml"), expect_ok=False)
     assert "train.sharding: fsdp shards a full fine-tune" in err and "set train.sharding: zero1" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_reference_stored_in_the_compute_dtype_scores_exactly_as_in_float32():
+    """store_in_compute_dtype (the fsdp trainer's frozen reference): under bf16 autocast its
+    log-probs and entropies are bit-identical to the float32 copy's, in less memory."""
+    from _ddp_update import samples
+
+    from evolving_rl import distributed
+    from evolving_rl.config import ModelConfig
+    from evolving_rl.policy.hf import HFPolicy
+
+    policy = HFPolicy(ModelConfig(path=str(CHECKPOINT), autocast="bfloat16"))
+    segments = [s.segment for s in samples(policy, n=6)]
+    full, half = policy.reference(), policy.reference()
+    distributed.store_in_compute_dtype(half.model, torch.bfloat16)
+    size = {k: sum(p.numel() * p.element_size() for p in r.model.parameters()) for k, r in (("fp32", full), ("bf16", half))}
+    # the tiny model ties its output layer to the embeddings, which stay float32: the 4 layers' linears shrink
+    assert size["bf16"] < 0.8 * size["fp32"]
+    assert {p.dtype for p in half.model.get_input_embeddings().parameters()} == {torch.float32}
+    with torch.no_grad():
+        a = full.score(segments, with_entropy=True, loss_positions_only=True)
+        b = half.score(segments, with_entropy=True, loss_positions_only=True)
+        plain = HFPolicy(ModelConfig(path=str(CHECKPOINT))).score(segments, loss_positions_only=True)
+    for (lp, h), (lp16, h16) in zip(a, b):
+        assert torch.equal(lp, lp16) and torch.equal(h, h16)
+    # not a vacuous comparison: bf16 compute itself moves the log-probs
+    assert max(float((lp - p).abs().max()) for (lp, _), (p, _) in zip(a, plain)) > 1e-4
+
+
+def test_one_forward_per_score_gives_the_same_log_probs_in_one_call():
+    """Under fsdp `score` runs a micro-batch as one forward call (per-layer units all-gather in
+    each call); segments sharing a prompt, which the default path runs as a shared prefix and
+    length buckets in several calls, score the same."""
+    from _ddp_update import samples
+
+    from evolving_rl.config import ModelConfig
+    from evolving_rl.policy.hf import HFPolicy
+    from evolving_rl.types import Segment
+
+    policy = HFPolicy(ModelConfig(path=str(CHECKPOINT)))
+    base = [s.segment for s in samples(policy, n=6)]
+    prompt = [5 + i % 900 for i in range(90)]  # a prompt long enough to be shared
+    segments = base + [Segment(token_ids=prompt + s.token_ids, logprobs=[0.0] * (90 + len(s.token_ids)),
+                               loss_mask=[0] * 90 + s.loss_mask) for s in base]
+    calls = []
+    policy.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        default = policy.score(segments, with_entropy=True, loss_positions_only=True)
+        several = len(calls)
+        calls.clear()
+        policy.one_forward_per_score = True
+        one = policy.score(segments, with_entropy=True, loss_positions_only=True)
+    assert several > 1 and len(calls) == 1
+    for (lp, h), (lp1, h1) in zip(default, one):
+        assert float((lp - lp1).abs().max()) < 1e-5 and float((h - h1).abs().max()) < 1e-4

@@ -358,9 +358,12 @@ class GRPOUpdater:
         fully_sharded: bool = False,
     ) -> None:
         self.policy = policy
-        # train.sharding: fsdp. The weights' FSDP unit reduce-scatters the gradients itself, in
-        # every backward, so every process must run as many micro-batches as the others.
+        # train.sharding: fsdp. The weights' FSDP units all-gather in every forward and backward
+        # call and reduce-scatter the gradients in every backward, so every process must run as
+        # many micro-batches as the others, each one forward call (`one_forward_per_score`).
         self.fully_sharded = fully_sharded
+        if fully_sharded:
+            policy.one_forward_per_score = True
         self.reference_policy = reference_policy
         self.cfg = cfg
         self.roles = roles

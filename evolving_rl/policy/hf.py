@@ -133,6 +133,10 @@ class HFPolicy:
         model.eval()
         self.model = model
         self._adapters_disabled = False  # True for the LoRA reference view (see `reference`)
+        # train.sharding: fsdp sets it: each `score` call is one forward call of the model (no
+        # chunks, shared prefixes or length buckets), because a per-layer FSDP unit all-gathers
+        # in every call and every process must make equally many (`evolving_rl.distributed`).
+        self.one_forward_per_score = False
 
         eos = self.tokenizer.eos_token_id
         if eos is None:
@@ -400,7 +404,7 @@ class HFPolicy:
         longest = 0
         for i in order:
             longest = max(longest, len(segments[i].token_ids))
-            if chunk and (len(chunk) + 1) * longest > max_tokens_per_chunk:
+            if chunk and (len(chunk) + 1) * longest > max_tokens_per_chunk and not self.one_forward_per_score:
                 self._score_chunk(segments, chunk, with_entropy, loss_positions_only, results)
                 chunk, longest = [], len(segments[i].token_ids)
             chunk.append(i)
@@ -441,7 +445,8 @@ class HFPolicy:
 
         train_mode = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
         # HF's checkpointed layers run without a KV cache, which prefix sharing needs.
-        plan = _shared_prefixes([s.token_ids for s in segs], predict, share=not train_mode)
+        plan = _shared_prefixes([s.token_ids for s in segs], predict,
+                                share=not train_mode and not self.one_forward_per_score)
         if train_mode:
             self.model.train()
         try:
@@ -557,7 +562,8 @@ class HFPolicy:
 
         parts, where = [], []
         suffix = [n - p for n, p in zip(lengths, starts)]
-        for rows in _padding_buckets(suffix):
+        buckets = [list(range(len(suffix)))] if self.one_forward_per_score else _padding_buckets(suffix)
+        for rows in buckets:
             width, past_len = max(suffix[r] for r in rows), max(starts[r] for r in rows)
             s_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=dev)
             s_attn = torch.zeros((len(rows), past_len + width), dtype=torch.long, device=dev)
