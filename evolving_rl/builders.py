@@ -66,6 +66,10 @@ def _policy(model, section: str, *, device, generation: bool):
         from evolving_rl.policy.vllm_policy import VLLMPolicy
 
         cls = VLLMPolicy
+        if model.base_url:  # a vLLM server on other GPUs
+            from evolving_rl.policy.vllm_server import VLLMServerPolicy
+
+            cls = VLLMServerPolicy
     return cls(model) if device is None else cls(model, device=device)
 
 

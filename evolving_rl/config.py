@@ -81,7 +81,11 @@ class ModelConfig(_Strict):
         "`base_url` (inference only: eval, serve, evolve); training always runs in transformers.",
     )
     base_url: str | None = Field(None, description="backend openai: the server's API root, e.g. "
-                                 "http://127.0.0.1:8000/v1; `path` then holds a local copy of its tokenizer.")
+                                 "http://127.0.0.1:8000/v1; `path` then holds a local copy of its tokenizer. "
+                                 "backend vllm: a running `vllm serve` (other GPUs) to generate on, LoRA synced "
+                                 "over HTTP (USAGE, Scaling out); unset: the engine runs in-process.")
+    lora_sync_dir: str | None = Field(None, description="backend vllm with base_url: where each sync writes the "
+                                      "adapter; the server must see it at the same path (default: a local temp dir).")
     served_model: str | None = Field(None, description="backend openai: the model name the server serves "
                                      "(default: `path` as given).")
     api_key_env: str | None = Field(None, description="backend openai: name of the environment variable holding "
@@ -413,6 +417,9 @@ class RunConfig(_Strict):
                 if self.env.name == "alfworld" and s not in SPLITS:
                     raise ValueError(f"{field_name}: unknown split {s!r}; allowed: {', '.join(SPLITS)}")
         for section, m in (("model", self.model), ("extractor_model", self.extractor_model)):
+            if m is not None and m.backend == "vllm" and m.base_url and not m.lora.enabled:
+                raise ValueError(f"{section}.lora.enabled: a vLLM server ({section}.base_url) receives weight updates "
+                                 f"as LoRA adapters; set {section}.lora.enabled: true, or unset {section}.base_url")
             if m is not None and m.backend == "openai" and not m.base_url:
                 raise ValueError(f"{section}.base_url: missing; {section}.backend: openai needs the server's API root, "
                                  "e.g. http://127.0.0.1:8000/v1")

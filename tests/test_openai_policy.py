@@ -11,12 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,17 +20,12 @@ from evolving_rl import prompts
 from evolving_rl.config import ModelConfig, load_config
 from evolving_rl.policy.base import Policy
 from evolving_rl.policy.openai_policy import OpenAIEndpointError, OpenAIPolicy
+from vllm_serve import free_port, vllm_server
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "tiny-alfworld-sft"
 SERVED = "tiny-alfworld"
 ACTIONS = ["go to sinkbasin 1", "go to cabinet 1", "take mug 1 from countertop 1", "look", "open fridge 1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def openai_cfg(base_url: str, **kw) -> ModelConfig:
@@ -80,42 +70,8 @@ def server(tmp_path_factory):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM runs in its own venv: bash scripts/vllm_venv.sh && .venv-vllm/bin/pytest -q "
                     "tests/test_openai_policy.py")
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    log = open(log_path, "w")
-    # CPU vLLM: a 1 GiB KV cache (it would otherwise reserve a share of host RAM), eager mode
-    # (no graph capture), the checkpoint's own context size.
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(CHECKPOINT),
-         "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-         "--max-model-len", "2048", "--seed", "0"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vLLM server not healthy after 600 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield {"url": f"{base}/v1", "log": log_path}
-    finally:
-        proc.terminate()  # by its pid; the server shuts down on SIGTERM
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with vllm_server(CHECKPOINT, SERVED, tmp_path_factory.mktemp("vllm") / "server.log") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +228,17 @@ def test_serve_solves_locally_and_extracts_through_the_server(server, games_dir,
     finally:
         srv.stop()
         env.close()
+
+
+def test_vllm_server_backend_without_runtime_lora_updates_names_the_fix(server, tmp_path):
+    """The vLLM-server training backend (test_vllm_server.py) against this plain server, which was
+    started without VLLM_ALLOW_RUNTIME_LORA_UPDATING: refused at start-up with the flag to set
+    (here, not there, because this module already has such a server running)."""
+    from evolving_rl.policy.vllm_server import VLLMServerPolicy
+
+    cfg = ModelConfig(path=str(CHECKPOINT), backend="vllm", base_url=server["url"], served_model=SERVED,
+                      lora={"enabled": True, "r": 8, "alpha": 16}, lora_sync_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="does not allow runtime LoRA updates") as e:
+        VLLMServerPolicy(cfg)
+    assert "model.base_url" in str(e.value)
+    assert not any(tmp_path.rglob("adapter_config.json"))  # the refused adapter's directory was removed

@@ -143,38 +143,16 @@ class OpenAIPolicy:
     def _post(self, route: str, body: dict) -> dict:
         """POST with a timeout and retries with exponential backoff on connection errors, 429
         and 5xx; a 4xx other than 429 is the request's fault and fails at once."""
-        import urllib.error
-        import urllib.request
-
-        url = f"{self.base_url}{route}"
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode()
-        last, transient = "", False
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                time.sleep(min(30.0, self.cfg.retry_backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
-            try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.cfg.request_timeout_s) as resp:
-                    self.requests += 1
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:500].decode(errors="replace")
-                last = f"HTTP {e.code}: {detail}"
-                transient = e.code == 429 or e.code >= 500
-                if not transient:
-                    break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last, transient = f"{type(e).__name__}: {getattr(e, 'reason', e)}", True
-            except json.JSONDecodeError:
-                last, transient = "the reply is not JSON", False
-        raise OpenAIEndpointError(
-            f"{self.section}.base_url={self.base_url!r}: POST {route} failed after {attempt + 1} attempt(s): {last}. "
-            f"Check that the server is up, that {self.section}.served_model names a model it serves, and the API key",
-            transient=transient,
-        )
+        try:
+            out = http_request(f"{self.base_url}{route}", body, self.cfg, api_key=self.api_key)
+        except HTTPFailure as e:
+            raise OpenAIEndpointError(
+                f"{self.section}.base_url={self.base_url!r}: POST {route} failed after {e.attempts} attempt(s): {e}. "
+                f"Check that the server is up, that {self.section}.served_model names a model it serves, and the API key",
+                transient=e.transient,
+            ) from None
+        self.requests += 1
+        return out
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -270,6 +248,50 @@ class OpenAIPolicy:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+class HTTPFailure(Exception):
+    """The last try's failure; `code` is the HTTP status (None: no answer)."""
+
+    def __init__(self, message: str, *, code: int | None, transient: bool, attempts: int) -> None:
+        super().__init__(message)
+        self.code, self.transient, self.attempts = code, transient, attempts
+
+
+def http_request(url: str, body: dict | None, cfg: Any, *, api_key: str | None = None, as_json: bool = True,
+                 retry_server_errors: bool = True) -> Any:
+    """POST `body` (GET when None) with cfg.request_timeout_s, retrying with exponential backoff
+    (cfg.max_retries, cfg.retry_backoff_s) on connection errors, 429 and 5xx (unless
+    `retry_server_errors` is off: a 5xx that is the request's fault); any other 4xx fails at once.
+    Shared by the OpenAI backend and the vLLM-server backend (vllm_server.py)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = None if body is None else json.dumps(body).encode()
+    last, code, transient = "", None, False
+    for attempt in range(cfg.max_retries + 1):
+        if attempt:
+            time.sleep(min(30.0, cfg.retry_backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
+        try:
+            req = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
+            with urllib.request.urlopen(req, timeout=cfg.request_timeout_s) as resp:
+                raw = resp.read()
+            return json.loads(raw) if as_json else raw.decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:500].decode(errors="replace")
+            last, code = f"HTTP {e.code}: {detail}", e.code
+            transient = e.code == 429 or (e.code >= 500 and retry_server_errors)
+            if not transient:
+                break
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            last, code, transient = f"{type(e).__name__}: {getattr(e, 'reason', e)}", None, True
+        except json.JSONDecodeError:
+            last, code, transient = "the reply is not JSON", None, False
+            break
+    raise HTTPFailure(last, code=code, transient=transient, attempts=attempt + 1)
 
 
 def _context_size(path: Path, tokenizer: Any) -> int:

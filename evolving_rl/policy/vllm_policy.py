@@ -41,13 +41,15 @@ disabled) samples from the base weights: no adapter.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the logits processor
 reports log Z through memory shared with this object, and weights are loaded by reference.
-That is the colocated setting (one device holds trainer and engine); engines on other GPUs
-would need the log Z table and weights sent over the wire: not built here.
+That is the colocated setting (one device holds trainer and engine); a vLLM server on other
+GPUs, with adapters synced over HTTP, is vllm_server.py (`model.base_url`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -63,6 +65,9 @@ from evolving_rl.policy.base import Generation, row_seeds
 from evolving_rl.policy.hf import HFPolicy, _Trie
 
 _ARG = "evolving_rl_trie"  # SamplingParams.extra_args key naming a request's trie
+# Over HTTP (vllm_server.py) a request carries its trie itself, in `vllm_xargs` (str/int values
+# only): the allowed id sequences as JSON, and the id the mask forces once one is complete.
+SERVER_ALLOWED, SERVER_EOS = "evolving_rl_allowed", "evolving_rl_eos"
 # key -> {"trie": _Trie, "log_z": {step: float}}; filled by `generate`, read by `_TrieMask`
 # inside the (in-process) engine. A lock because vLLM may run the processor off-thread.
 _REQUESTS: dict[str, dict[str, Any]] = {}
@@ -87,15 +92,54 @@ def _require_vllm() -> Any:
     return vllm
 
 
+def _server_entry(args: dict) -> dict[str, Any] | None:
+    """A request's trie from its `vllm_xargs` (a server's request: nothing is shared with the client)."""
+    allowed = args.get(SERVER_ALLOWED)
+    if allowed is None:
+        return None
+    try:
+        seqs = json.loads(allowed)
+        eos = int(args[SERVER_EOS])
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(f"vllm_xargs.{SERVER_ALLOWED} must be a JSON list of token-id lists and "
+                         f"vllm_xargs.{SERVER_EOS} an int") from None
+    return {"trie": _Trie(seqs, f"vllm_xargs.{SERVER_ALLOWED}"), "log_z": {}, "ended": {}, "eos": eos}
+
+
+def __getattr__(name: str) -> Any:
+    # `vllm serve --logits-processors evolving_rl.policy.vllm_policy:TrieMask` loads it by name;
+    # built lazily so that importing this module needs no vLLM
+    if name == "TrieMask":
+        return _trie_mask_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
 def _trie_mask_class() -> type:
     """The logits processor, built on first use so that importing this module needs no vLLM."""
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
     class _TrieMask(LogitsProcessor):
-        """Rows whose request names a trie may only produce its continuations (see module doc)."""
+        """Rows whose request names a trie may only produce its continuations (see module doc).
+
+        In-process a request names its trie by key (`_REQUESTS`, which also receives log Z); in a
+        server it carries the trie in `vllm_xargs` and the client computes log Z itself from the
+        raw log-probs of the trie's ids (vllm_server.py).
+        """
+
+        @classmethod
+        def validate_params(cls, sampling_params: Any) -> None:
+            _server_entry(sampling_params.extra_args or {})  # a malformed trie is an HTTP 400, not a dead engine
 
         def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-            self.rows: dict[int, tuple[str, list[int]]] = {}  # batch row -> (key, its live output ids)
+            # Both would silently break the log-prob definition, so a server refuses to start.
+            if vllm_config.scheduler_config.async_scheduling:
+                raise ValueError("evolving_rl TrieMask: the trie walk needs each request's final output ids; "
+                                 "start vLLM with --no-async-scheduling")
+            if vllm_config.model_config.logprobs_mode != "raw_logprobs":
+                raise ValueError("evolving_rl TrieMask: log-probs must be the model's own, before temperature, "
+                                 "top-p and the mask; start vLLM with --logprobs-mode raw_logprobs")
+            self.rows: dict[int, tuple[dict[str, Any], list[int]]] = {}  # batch row -> (entry, live output ids)
 
         def is_argmax_invariant(self) -> bool:
             return False  # it changes which id is the most likely
@@ -106,11 +150,16 @@ def _trie_mask_class() -> type:
             for index in batch_update.removed:
                 self.rows.pop(index, None)
             for index, params, _, output_ids in batch_update.added:
-                key = (params.extra_args or {}).get(_ARG) if params is not None else None
-                if key is None:
+                args = (params.extra_args or {}) if params is not None else {}
+                if _ARG in args:
+                    with _LOCK:
+                        entry = _REQUESTS.get(args[_ARG])
+                else:
+                    entry = _server_entry(args)
+                if entry is None:
                     self.rows.pop(index, None)
                 else:
-                    self.rows[index] = (key, output_ids)
+                    self.rows[index] = (entry, output_ids)
             for a, b, direction in batch_update.moved:
                 ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
                 if ra is not None:
@@ -123,10 +172,7 @@ def _trie_mask_class() -> type:
                 return logits
             rows, cols, log_z_rows = [], [], []
             with _LOCK:
-                for index, (key, output_ids) in self.rows.items():
-                    entry = _REQUESTS.get(key)
-                    if entry is None:
-                        continue
+                for index, (entry, output_ids) in self.rows.items():
                     node = entry["trie"].root
                     for t in output_ids:
                         node = node.get(t) if node is not None else None
@@ -139,7 +185,7 @@ def _trie_mask_class() -> type:
                         choices = _Trie.choices(node)
                     rows += [index] * len(choices)
                     cols += choices
-                    log_z_rows.append((index, key, step, choices))
+                    log_z_rows.append((index, entry, step, choices))
             if not rows:
                 return logits
             r = torch.tensor(rows, device=logits.device)
@@ -151,11 +197,9 @@ def _trie_mask_class() -> type:
             # then log_softmax(logits + mask), `score`'s quantity.
             lse_all = torch.logsumexp(raw, dim=-1)
             with _LOCK:
-                for index, key, step, choices in log_z_rows:
+                for index, entry, step, choices in log_z_rows:
                     allowed_lse = torch.logsumexp(raw[index, choices], dim=-1)
-                    entry = _REQUESTS.get(key)
-                    if entry is not None:
-                        entry["log_z"][step] = float(allowed_lse - lse_all[index])
+                    entry["log_z"][step] = float(allowed_lse - lse_all[index])
             masked_rows = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
             masked_rows[r] = True
             logits[masked_rows] = logits[masked_rows].masked_fill(~allowed[masked_rows], float("-inf"))
@@ -304,26 +348,38 @@ class VLLMPolicy(HFPolicy):
                 c = out.outputs[0]
                 ids = list(c.token_ids)
                 lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
-                reason = "length"
+                ended_at = None
                 if key is not None:
                     entry = _REQUESTS[key]
                     ended = sorted(entry["ended"])
-                    if ended and ended[0] < len(ids):  # drop the EOS forced after a complete sequence
-                        ids, lps, reason = ids[: ended[0]], lps[: ended[0]], "stop"
-                    lps = [lp - entry["log_z"][k] for k, lp in enumerate(lps)]
-                if reason != "stop":
-                    if ids and ids[-1] in self.eos_token_ids:
-                        reason = "eos"
-                    elif c.finish_reason == "stop":
-                        reason = "stop"
-                ids, lps = ids[:max_new_tokens], lps[:max_new_tokens]
-                results.append(Generation(token_ids=ids, logprobs=lps, text=self.decode(ids), finish_reason=reason))
+                    ended_at = ended[0] if ended else None
+                    lps = [lp - entry["log_z"][k] for k, lp in enumerate(lps[: ended_at])]
+                results.append(_generation(self, ids, lps, ended_at, c.finish_reason, max_new_tokens))
             return results
         finally:
             with _LOCK:
                 for key in keys:
                     if key is not None:
                         _REQUESTS.pop(key, None)
+
+
+def _generation(policy: HFPolicy, ids: list[int], lps: list[float], ended_at: int | None, engine_reason: str | None,
+                max_new_tokens: int) -> Generation:
+    """One completion as `HFPolicy.generate` returns it, from what vLLM sampled (either engine).
+
+    `ended_at`: the step where a trie sequence was complete, so the mask forced EOS there; that
+    token (vLLM could not end the request itself) is dropped and the completion ends by "stop".
+    """
+    reason = "length"
+    if ended_at is not None and ended_at < len(ids):
+        ids, lps, reason = ids[:ended_at], lps[:ended_at], "stop"
+    if reason != "stop":
+        if ids and ids[-1] in policy.eos_token_ids:
+            reason = "eos"
+        elif engine_reason == "stop":
+            reason = "stop"
+    ids, lps = ids[:max_new_tokens], lps[:max_new_tokens]
+    return Generation(token_ids=ids, logprobs=lps, text=policy.decode(ids), finish_reason=reason)
 
 
 def _engine_lora_rank(r: int) -> int:
