@@ -66,10 +66,12 @@ def _policy(model, section: str, *, device, generation: bool):
         from evolving_rl.policy.vllm_policy import VLLMPolicy
 
         cls = VLLMPolicy
-        if model.base_url:  # a vLLM server on other GPUs
+        if model.base_url:  # a vLLM server on other GPUs; its errors name this section
+            from functools import partial
+
             from evolving_rl.policy.vllm_server import VLLMServerPolicy
 
-            cls = VLLMServerPolicy
+            cls = partial(VLLMServerPolicy, section=section)
     return cls(model) if device is None else cls(model, device=device)
 
 
