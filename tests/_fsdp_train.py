@@ -6,6 +6,7 @@ on: whether the model was sharded and the optimizer's class."""
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 
 import torch
@@ -30,4 +31,6 @@ def main(out_dir: str, config: str, resume: bool) -> None:
 
 
 if __name__ == "__main__":
+    # an abort in a collective (SIGABRT from gloo) then prints every thread's Python stack
+    faulthandler.enable()
     main(sys.argv[1], sys.argv[2], resume="resume" in sys.argv[3:])

@@ -17,6 +17,7 @@ update's forward calls (per-layer units free a layer after its forward).
 from __future__ import annotations
 
 import copy
+import faulthandler
 import sys
 from datetime import timedelta
 
@@ -120,4 +121,6 @@ def main(checkpoint: str, out_dir: str, resume: bool) -> None:
 
 
 if __name__ == "__main__":
+    # an abort in a collective (SIGABRT from gloo) then prints every thread's Python stack
+    faulthandler.enable()
     main(sys.argv[1], sys.argv[2], resume="resume" in sys.argv[3:])
