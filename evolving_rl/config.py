@@ -369,8 +369,8 @@ class TrainConfig(_Strict):
     wandb: bool = Field(False, description="Log to Weights & Biases (pip install 'evolving-rl[wandb]').")
     sharding: Literal["zero1", "fsdp"] = Field(
         "zero1", description="Over several processes: zero1 shards AdamW's moments only (weights and gradients whole on "
-        "every process); fsdp shards weights, gradients and moments too (torch FSDP2), gathering the whole weights for "
-        "the rollouts and for each micro-batch of the update. One process: ignored.")
+        "every process); fsdp shards weights, gradients and moments too (torch FSDP2, one unit per decoder layer), "
+        "gathering the whole weights for the rollouts and one layer at a time in the update. One process: ignored.")
 
 
 class RunConfig(_Strict):
