@@ -80,11 +80,13 @@ BUDGETS: dict[str, dict] = {
         "games": None,
         "results": "skill_transfer",
         "methods": list(METHODS),
+        "protocols": ["no_skill", "one_shot", "library"],
         "overrides": ["train.steps=16", "grpo.lr=3e-4", "train.eval_every=0", "eval.max_tasks=40", "eval.repeats=1"],
     },
     "twc_smoke": {
         "about": "the twc benchmark at test size: 1 step of B=2 N=2 K=2, 4 eval games per split",
         "methods": list(METHODS),
+        "protocols": ["no_skill", "one_shot", "library"],
         "config": CONFIGS / "evolving_twc_tiny.yaml",
         "games": None,
         "overrides": ["train.steps=1", "train.eval_every=0", "evolving.sources_per_step=2", "evolving.num_skills=2",
@@ -95,8 +97,16 @@ BUDGETS: dict[str, dict] = {
 }
 START = "start (no RL)"
 WALL = "paper_table_wall.json"
-COLUMNS = [("eval_seen", "no_skill"), ("eval_seen", "one_shot"), ("eval_unseen", "no_skill"), ("eval_unseen", "one_shot")]
-COLUMN_NAMES = ["seen, no skill", "seen, with skill", "unseen, no skill", "unseen, with skill"]
+PROTOCOLS = ["no_skill", "one_shot"]  # a budget may add "library" (the growing library over the eval stream)
+PROTOCOL_NAMES = {"no_skill": "no skill", "one_shot": "with skill", "library": "library"}
+
+
+def columns(protocols: list[str]) -> list[tuple[str, str]]:
+    return [(split, p) for split in ("eval_seen", "eval_unseen") for p in protocols]
+
+
+def column_names(cols: list[tuple[str, str]]) -> list[str]:
+    return [f"{split.removeprefix('eval_')}, {PROTOCOL_NAMES[p]}" for split, p in cols]
 
 
 def slug(name: str) -> str:
@@ -191,14 +201,14 @@ def run_start(cfg: RunConfig, out: Path) -> dict:
     if (out / "eval" / "final.json").exists():
         return reused(out)
     t0 = time.perf_counter()
-    evaluate_checkpoint(cfg, cfg.model.path, out, tag="final", protocols=["no_skill", "one_shot"])
+    evaluate_checkpoint(cfg, cfg.model.path, out, tag="final", protocols=list(cfg.eval.protocols))
     return finished(out, t0)
 
 
-def pooled(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+def pooled(per_seed: list[dict[str, dict]], cols: list[tuple[str, str]]) -> dict[str, dict]:
     """Cells pooled over seeds (wins and n add up), with the Wilson interval and per-seed rates."""
     out = {}
-    for split, proto in COLUMNS:
+    for split, proto in cols:
         key = f"{split}/{proto}"
         got = [s[key] for s in per_seed if key in s]
         wins, n = sum(c["wins"] for c in got), sum(c["n"] for c in got)
@@ -219,26 +229,31 @@ def markdown(report: dict) -> str:
         lo, hi = c["ci95"]
         return f"{c['success']:.1%} [{lo:.0%}, {hi:.0%}] n={c['n']}"
 
+    cols = [tuple(c.split("/")) for c in report["columns"]]
+    names = column_names(cols)
     lines = [f"# Paper table, budget `{report['budget']}` ({report['seeds']} seed(s))", "",
              report["about"], "", f"Start: {report['model']}", "", report["budget_arithmetic"], "",
-             "| method | " + " | ".join(COLUMN_NAMES) + " | training episodes | train min | total min |",
-             "|---" * (len(COLUMN_NAMES) + 4) + "|"]
+             "| method | " + " | ".join(names) + " | training episodes | train min | total min |",
+             "|---" * (len(names) + 4) + "|"]
     for name, row in report["rows"].items():
-        cells = [cell(row["cells"][f"{s}/{p}"]) for s, p in COLUMNS]
+        cells = [cell(row["cells"][f"{s}/{p}"]) for s, p in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('episodes', 0)} | "
                      f"{row.get('train_s', 0) / 60:.1f} | {row.get('wall_s', 0) / 60:.1f} |")
     g = report["gain_unseen"]
     fmt = lambda v: "n/a (GRPO at 0%)" if v is None else f"{v:+.1%}"  # noqa: E731
+    library = f", library {fmt(g['library'])}" if "library" in g else ""
     lines += ["", f"Relative gain of Evolving-RL over GRPO on unseen: no skill {fmt(g['no_skill'])}, "
-              f"with skill {fmt(g['one_shot'])} (paper, Qwen2.5-7B: +98.7% with skill).", "",
+              f"with skill {fmt(g['one_shot'])}{library} (paper, Qwen2.5-7B: +98.7% with skill).", "",
               "Cells: greedy success, Wilson 95% interval, n episodes (pooled over seeds and repeats). "
               "'with skill' is the one-shot protocol: a skill extracted from the most similar "
-              "experience-pool task. Tiny model and generated games: comparable in shape, not in "
-              "absolute numbers, to the paper.", "",
+              "experience-pool task. " + ("'library' plays the evaluated split as a stream with a library that "
+              "starts empty and grows from the stream's own episodes (each skill on trial against a no-skill "
+              "control, serve.evolver). " if "library" in g else "") + "Tiny model and generated games: comparable "
+              "in shape, not in absolute numbers, to the paper.", "",
               f"![per-step curves, seed 0]({report.get('stem', 'paper_table_' + report['budget'])}_curves.png)", "",
-              "Per seed (wins/n; seen no skill, seen with skill, unseen no skill, unseen with skill):", ""]
+              f"Per seed (wins/n; {', '.join(names)}):", ""]
     for name, seeds in report.get("counts", {}).items():
-        per = ["; ".join(f"{c[s][p][0]}/{c[s][p][1]}" if p in c.get(s, {}) else "-" for s, p in COLUMNS) for c in seeds]
+        per = ["; ".join(f"{c[s][p][0]}/{c[s][p][1]}" if p in c.get(s, {}) else "-" for s, p in cols) for c in seeds]
         lines.append(f"- {name}: " + " | ".join(f"seed {i}: {x}" for i, x in enumerate(per)))
     return "\n".join(lines) + "\n"
 
@@ -297,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, provenance = cfg.model.path, f"checkpoint {cfg.model.path}"
     grpo_overrides, arithmetic = budget_arithmetic(cfg)
+    protocols = budget.get("protocols", PROTOCOLS)
+    cols = columns(protocols)
     fixed = overrides + [f"model.path={model}", "eval.splits=[eval_seen, eval_unseen]",
-                         "eval.protocols=[no_skill, one_shot]", "train.tensorboard=false"]
+                         f"eval.protocols=[{', '.join(protocols)}]", "train.tensorboard=false"]
     say(f"paper table, budget {args.budget}: {budget['about']}\nstart: {provenance}\n{arithmetic}")
 
     def method_cfg(name: str, seed: int) -> RunConfig:
@@ -355,14 +372,14 @@ def main(argv: list[str] | None = None) -> int:
                           if split == s} for s in ("eval_seen", "eval_unseen")} for cells in per_seed[name]]
               for name in names}  # per method and seed: {split: {protocol: [wins, n]}}
     for name in names:
-        rows[name] = {"cells": pooled(per_seed[name]), **timing[name]}
+        rows[name] = {"cells": pooled(per_seed[name], cols), **timing[name]}
     evo, grpo = rows["Evolving-RL"]["cells"], rows["GRPO"]["cells"]
     report = {
         "budget": args.budget, "about": budget["about"], "seeds": args.seeds, "config": rel(config),
         "overrides": list(args.overrides), "model": provenance, "budget_arithmetic": arithmetic,
-        "columns": [f"{s}/{p}" for s, p in COLUMNS], "rows": rows,
+        "columns": [f"{s}/{p}" for s, p in cols], "rows": rows,
         "gain_unseen": {p: relative_gain(evo[f"eval_unseen/{p}"]["success"], grpo[f"eval_unseen/{p}"]["success"])
-                        for p in ("no_skill", "one_shot")},
+                        for p in protocols},
         "runs": rel(out), "machine": machine(), "counts": counts, "curves": all_curves,
         "stem": budget.get("results", f"paper_table_{args.budget}"),
     }

@@ -43,7 +43,7 @@ def test_grpo_matching_plays_the_same_episodes_as_an_evolving_step():
 def test_pooled_cells_add_seeds_and_gain_is_relative():
     seeds = [{"eval_seen/no_skill": {"wins": 1, "n": 4, "success": 0.25}},
              {"eval_seen/no_skill": {"wins": 3, "n": 4, "success": 0.75}}]
-    cells = paper_table.pooled(seeds)
+    cells = paper_table.pooled(seeds, paper_table.columns(paper_table.PROTOCOLS))
     c = cells["eval_seen/no_skill"]
     assert (c["wins"], c["n"], c["success"], c["per_seed"]) == (4, 8, 0.5, [0.25, 0.75])
     assert c["ci95"][0] < 0.5 < c["ci95"][1]

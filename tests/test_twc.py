@@ -138,11 +138,12 @@ def test_skill_transfer_table_smoke_budget(tmp_path):
     assert rc == 0
     report = json.loads((results / "paper_table_twc_smoke.json").read_text())
     assert list(report["rows"]) == ["GRPO", "Evolving-RL", "solver only", "extractor only", "random skill"]
+    assert report["columns"] == [f"{s}/{p}" for s in ("eval_seen", "eval_unseen") for p in ("no_skill", "one_shot", "library")]
     assert {row["episodes"] for row in report["rows"].values()} == {10}  # equal budget: 2*(1+2*2)
     for name, seeds in report["counts"].items():
         (c,) = seeds  # one seed
         for split in ("eval_seen", "eval_unseen"):
-            for proto in ("no_skill", "one_shot"):
+            for proto in ("no_skill", "one_shot", "library"):
                 wins, n = c[split][proto]
                 assert n == 4 and 0 <= wins <= n, (name, split, proto)
         assert report["rows"][name]["cells"]["eval_unseen/one_shot"]["wins"] == c["eval_unseen"]["one_shot"][0]
