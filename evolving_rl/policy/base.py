@@ -55,6 +55,9 @@ class Policy(Protocol):
     # The longest sequence the model was built for (max_position_embeddings): the rollout
     # refuses a prompt cap above it and keeps prompt + reply within it.
     max_context_tokens: int
+    # Trainable backends only: under per-layer FSDP every process must make the same forward calls,
+    # so the updater asks score() for exactly one forward per micro-batch (no chunks, no shared prefixes).
+    one_forward_per_score: bool
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids for chat messages, with the tokenizer's chat template when it has one."""
