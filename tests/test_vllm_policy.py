@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from evolving_rl.config import ModelConfig  # noqa: E402
 from evolving_rl.policy.vllm_policy import VLLMPolicy  # noqa: E402
 from evolving_rl.types import Segment  # noqa: E402
+from vllm_serve import sampled_logprob_gaps  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "tiny-alfworld-sft")
@@ -231,20 +232,13 @@ def test_one_evolving_rl_step_with_lora_runs_on_vllm_rollouts(games_dir, tmp_pat
         policy = trainer.policy
         assert isinstance(policy, VLLMPolicy) and policy.lora_request is not None
 
-        def gaps(batch):  # each sampled token's log-prob vs the one the trainer scores now
-            out = []
-            for s in batch[:20]:
-                lp, _ = policy.score([s.segment])[0]
-                mask = torch.tensor(s.segment.loss_mask, dtype=torch.bool)
-                out.append(float((lp[mask] - torch.tensor(s.segment.logprobs)[mask]).abs().max()))
-            return out
 
         samples, m = trainer.algorithm.collect(0)
-        before_gaps = gaps(samples)
+        before_gaps = sampled_logprob_gaps(policy, samples)
         stats = trainer.updater.update(samples)
         first = policy.lora_request
         after, _ = trainer.algorithm.collect(1)  # on the updated adapter
-        after_gaps = gaps(after)
+        after_gaps = sampled_logprob_gaps(policy, after)
         moved = max(float(p.detach().abs().max()) for n, p in policy.model.named_parameters() if "lora_B" in n)
     finally:
         trainer.close()

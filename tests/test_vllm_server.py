@@ -22,7 +22,7 @@ import torch
 from evolving_rl.config import ModelConfig, load_config
 from evolving_rl.policy.openai_policy import OpenAIEndpointError
 from evolving_rl.types import Segment
-from vllm_serve import REPO, free_port, vllm_server
+from vllm_serve import REPO, free_port, sampled_logprob_gaps, vllm_server
 
 pytestmark = pytest.mark.slow
 CHECKPOINT = REPO / "checkpoints" / "tiny-alfworld-sft"
@@ -186,21 +186,13 @@ def test_one_evolving_rl_step_runs_on_server_rollouts(server, games_dir, tmp_pat
         policy = trainer.policy
         assert isinstance(policy, VLLMServerPolicy)
 
-        def gaps(batch):  # each sampled token's log-prob vs the one the trainer scores now
-            out = []
-            for s in batch[:20]:
-                with torch.no_grad():
-                    lp, _ = policy.score([s.segment])[0]
-                mask = torch.tensor(s.segment.loss_mask, dtype=torch.bool)
-                out.append(float((lp[mask] - torch.tensor(s.segment.logprobs)[mask]).abs().max()))
-            return out
 
         samples, _ = trainer.algorithm.collect(0)
-        before_gaps = gaps(samples)
+        before_gaps = sampled_logprob_gaps(policy, samples)
         stats = trainer.updater.update(samples)
         first = policy.lora_name
         after, _ = trainer.algorithm.collect(1)  # on the updated adapter
-        after_gaps = gaps(after)
+        after_gaps = sampled_logprob_gaps(policy, after)
         moved = max(float(p.detach().abs().max()) for n, p in policy.model.named_parameters() if "lora_B" in n)
     finally:
         trainer.close()

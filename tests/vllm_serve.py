@@ -1,4 +1,5 @@
-"""A real `vllm serve` subprocess for tests (the OpenAI backend's and the vLLM-server backend's).
+"""A real `vllm serve` subprocess for tests (the OpenAI backend's and the vLLM-server backend's), and the
+on-policy check both vLLM backends' training tests make.
 
 Started on a free localhost port with vLLM's own API server, in the vLLM venv's Python; stopped
 by its pid only (SIGTERM, then SIGKILL after 30 s). On CPU: a 1 GiB KV cache (vLLM would
@@ -66,3 +67,17 @@ def vllm_server(checkpoint: Path | str, served: str, log_path: Path, args: list[
             proc.kill()
             proc.wait()
         log.close()
+
+
+def sampled_logprob_gaps(policy, batch, n: int = 20) -> list[float]:
+    """Per sample (the first `n`): the largest gap between a sampled token's log-prob, as the
+    generation backend returned it, and the one the trainer's score() gives it now."""
+    import torch
+
+    out = []
+    for s in batch[:n]:
+        with torch.no_grad():
+            lp, _ = policy.score([s.segment])[0]
+        mask = torch.tensor(s.segment.loss_mask, dtype=torch.bool)
+        out.append(float((lp[mask] - torch.tensor(s.segment.logprobs)[mask]).abs().max()))
+    return out

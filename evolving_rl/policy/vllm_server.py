@@ -152,17 +152,20 @@ class VLLMServerPolicy(VLLMPolicy):
         self._synced_versions = self._versions()
         self.weight_syncs += 1
 
+    def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One /completions request's only choice; a server that fails it is named with its fix."""
+        try:
+            return self._http("/completions", body)["choices"][0]
+        except HTTPFailure as e:
+            raise self._unreachable("POST /completions", e) from None
+
     # ---- the start-up probe -------------------------------------------------------------
 
     def _probe(self) -> None:
         prompt = self.encode_chat([{"role": "user", "content": "Your task is to: put a clean mug in the coffeemachine."}])
         body = {"model": self.lora_name, "prompt": prompt, "max_tokens": 4, "temperature": 1.0, "seed": 0,
                 "logprobs": 0, "prompt_logprobs": 0, "return_tokens_as_token_ids": True, "ignore_eos": True}
-        try:
-            out = self._http("/completions", body)
-        except HTTPFailure as e:
-            raise self._unreachable("POST /completions", e) from None
-        c = out["choices"][0]
+        c = self._complete(body)
         ids, lps, _ = _parse_logprobs(c.get("logprobs"), self)
         served = [float(next(iter(d.values()))["logprob"]) for d in c["prompt_logprobs"][1:]]
         vocab = self._base_model().get_input_embeddings().weight.shape[0]
@@ -235,11 +238,7 @@ class VLLMServerPolicy(VLLMPolicy):
             body["vllm_xargs"] = {SERVER_ALLOWED: json.dumps([[int(t) for t in s] for s in allowed]),
                                   SERVER_EOS: int(self.eos_token_id)}
             body["logprob_token_ids"] = sorted({int(t) for s in allowed for t in s})  # log Z's terms
-        try:
-            out = self._http("/completions", body)
-        except HTTPFailure as e:
-            raise self._unreachable("POST /completions", e) from None
-        c = out["choices"][0]
+        c = self._complete(body)
         ids, lps, top = _parse_logprobs(c.get("logprobs"), self)
         ended_at = None
         if trie is not None:
