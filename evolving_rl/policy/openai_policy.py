@@ -69,6 +69,8 @@ class OpenAIPolicy:
     # generate may run from several threads at once (requests go through its own bounded pool and
     # the server batches them), so the service does not hold actions back while it extracts
     thread_safe = True
+    # inference only: score() never runs under FSDP here
+    one_forward_per_score = False
 
     def __init__(self, cfg: Any, *, tokenizer: Any = None, section: str = "model") -> None:
         # `section`: the config section `cfg` came from (model, extractor_model), named in errors
