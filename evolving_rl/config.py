@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -80,10 +80,11 @@ class ModelConfig(_Strict):
         "in-process (its own venv: scripts/vllm_venv.sh), or `openai`: any OpenAI-compatible server at "
         "`base_url` (inference only: eval, serve, evolve); training always runs in transformers.",
     )
-    base_url: str | None = Field(None, description="backend openai: the server's API root, e.g. "
-                                 "http://127.0.0.1:8000/v1; `path` then holds a local copy of its tokenizer. "
-                                 "backend vllm: a running `vllm serve` (other GPUs) to generate on, LoRA synced "
-                                 "over HTTP (USAGE, Scaling out); unset: the engine runs in-process.")
+    base_url: str | list[str] | None = Field(None, description="backend openai: the server's API root, e.g. "
+                                             "http://127.0.0.1:8000/v1; `path` then holds a local copy of its "
+                                             "tokenizer. backend vllm: a running `vllm serve` (other GPUs) to generate "
+                                             "on, or a list of several (requests spread over them), LoRA synced to "
+                                             "each over HTTP (USAGE, Scaling out); unset: the engine runs in-process.")
     lora_sync_dir: str | None = Field(None, description="backend vllm with base_url: where each sync writes the "
                                       "adapter; the server must see it at the same path (default: a local temp dir).")
     served_model: str | None = Field(None, description="backend openai: the model name the server serves "
@@ -108,6 +109,27 @@ class ModelConfig(_Strict):
         "fine-tuning needs float32 weights: an AdamW step at lr 1e-6 rounds away in bf16 (measured: 1.9% of bf16 "
         "weights changed after 3 steps), so the 7B configs keep float32 master weights and compute in bfloat16.",
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, v: str | list[str] | None) -> str | list[str] | None:
+        # Checked here, before any server is dialled: a typo in one of eight URLs would otherwise
+        # surface as a connection error after the retries, and a repeated URL would silently load
+        # that server twice as much.
+        if v is None or v == "":
+            return v
+        urls = [v] if isinstance(v, str) else v
+        if not urls:
+            raise ValueError("an empty list; give one API root (http://host:8000/v1) or a list of several, or unset it")
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"{u!r} is not an http(s) URL; write the API root, e.g. http://127.0.0.1:8000/v1")
+        seen = [u.rstrip("/") for u in urls]
+        dup = next((u for i, u in enumerate(seen) if u in seen[:i]), None)
+        if dup is not None:
+            raise ValueError(f"{dup!r} is listed twice; list each server once (it would get a double share of the "
+                             "requests)")
+        return v
 
 
 class TinyModelConfig(_Strict):
@@ -420,6 +442,10 @@ class RunConfig(_Strict):
             if m is not None and m.backend == "vllm" and m.base_url and not m.lora.enabled:
                 raise ValueError(f"{section}.lora.enabled: a vLLM server ({section}.base_url) receives weight updates "
                                  f"as LoRA adapters; set {section}.lora.enabled: true, or unset {section}.base_url")
+            if m is not None and isinstance(m.base_url, list) and m.backend != "vllm":
+                raise ValueError(f"{section}.base_url: a list of servers works with {section}.backend: vllm only "
+                                 f"(rollouts spread over them); backend {m.backend} takes one API root: give one URL, "
+                                 "or put a load balancer in front of the servers and give its URL")
             if m is not None and m.backend == "openai" and not m.base_url:
                 raise ValueError(f"{section}.base_url: missing; {section}.backend: openai needs the server's API root, "
                                  "e.g. http://127.0.0.1:8000/v1")
@@ -456,7 +482,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append("  " + e["msg"].removeprefix("Value error, "))
             continue
         expected = e.get("ctx", {}).get("expected")
-        lines.append(f"  {path}: given {given!r}; " + (f"allowed: {expected}" if expected else e["msg"]))
+        msg = e["msg"].removeprefix("Value error, ")  # a field check's own message
+        lines.append(f"  {path}: given {given!r}; " + (f"allowed: {expected}" if expected else msg))
     return "\n".join(lines)
 
 

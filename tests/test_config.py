@@ -115,3 +115,27 @@ def test_qwen_configs_train_float32_master_weights_in_bf16():
     for p in paths:
         m = load_config(p).model
         assert m.lora.enabled or (m.dtype == "float32" and m.autocast == "bfloat16"), p.name
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["model.base_url=[]"], ["model.base_url", "an empty list"]),
+        (["model.base_url=[http://a:8000/v1, http://a:8000/v1/]"], ["model.base_url", "'http://a:8000/v1' is listed twice"]),
+        (["model.base_url=[http://a:8000/v1, a:8001/v1]"], ["model.base_url", "'a:8001/v1' is not an http(s) URL"]),
+        (["extractor_model.path=x", "extractor_model.base_url=localhost:8000"], ["extractor_model.base_url", "http(s)"]),
+        (["model.backend=openai", "model.base_url=[http://a:8000/v1, http://b:8000/v1]"],
+         ["model.base_url", "backend: vllm only", "load balancer"]),
+    ],
+)
+def test_several_vllm_servers_are_validated_naming_the_field(overrides, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_a_list_of_vllm_servers_loads_and_one_url_stays_a_string():
+    urls = ["http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1"]
+    cfg = load_config(None, ["model.backend=vllm", "model.lora.enabled=true", f"model.base_url=[{', '.join(urls)}]"])
+    assert cfg.model.base_url == urls
+    assert load_config(None, ["model.base_url=http://127.0.0.1:8000/v1"]).model.base_url == "http://127.0.0.1:8000/v1"

@@ -60,6 +60,8 @@ def test_training_and_missing_key_are_refused_with_the_field_named(monkeypatch):
         OpenAIPolicy(openai_cfg("http://127.0.0.1:1/v1", api_key_env="EVOLVING_RL_TEST_KEY"))
     with pytest.raises(ValueError, match="model.base_url"):
         OpenAIPolicy(ModelConfig(path=str(CHECKPOINT), backend="openai"))
+    with pytest.raises(ValueError, match="a list of servers works with model.backend: vllm only"):
+        OpenAIPolicy(openai_cfg(["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"]))
 
 
 # ---- a real vLLM server -------------------------------------------------------------------

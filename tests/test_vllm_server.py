@@ -10,16 +10,26 @@ the server with a random non-zero adapter: 5.5e-6 unconstrained, 1.7e-6 constrai
 client's log Z correction the constrained gap is 17 nats). exp(1e-4) = 1.0001 is far inside
 GRPO's clip range. The server without runtime LoRA updates is tested in test_openai_policy.py,
 whose plain server is that case.
+
+Several servers (`model.base_url` a list): a second server, started for the one test that needs
+it (~31 s here) and stopped by it, beside the module's; measured: gaps to score() <= 2e-5 on
+both servers before and after an update that moved the old samples' log-probs by 1.6-10 nats.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import signal
+import time
+import urllib.request
 
 import pytest
 import torch
 
 from evolving_rl.config import ModelConfig, load_config
+from evolving_rl.policy.base import row_seeds
 from evolving_rl.policy.openai_policy import OpenAIEndpointError
 from evolving_rl.types import Segment
 from vllm_serve import REPO, free_port, sampled_logprob_gaps, vllm_server
@@ -31,7 +41,7 @@ TOL = 1e-4
 ACTIONS = ["go to sinkbasin 1", "go to cabinet 1", "take mug 1 from countertop 1", "look", "open fridge 1"]
 
 
-def server_cfg(url: str, **kw) -> ModelConfig:
+def server_cfg(url: str | list[str] | None, **kw) -> ModelConfig:
     return ModelConfig(path=str(CHECKPOINT), backend="vllm", base_url=url, served_model=SERVED,
                        lora={"enabled": True, "r": 8, "alpha": 16}, **kw)
 
@@ -65,7 +75,7 @@ def server(tmp_path_factory):
                     "tests/test_vllm_server.py")
     from evolving_rl.policy.vllm_server import serve_command
 
-    args = serve_command(server_cfg("unused"))
+    args = serve_command(server_cfg(None))
     args = args[2:]  # the helper names the model itself
     with vllm_server(CHECKPOINT, SERVED, tmp_path_factory.mktemp("vllm") / "server.log", args,
                      env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}) as srv:
@@ -202,3 +212,122 @@ def test_one_evolving_rl_step_runs_on_server_rollouts(server, games_dir, tmp_pat
     assert moved > 0, "the update left the adapter at zero: the after-update check would test the base model"
     assert policy.lora_name != first  # the updated adapter went to the server
     assert max(before_gaps) < TOL and max(after_gaps) < TOL, (before_gaps, after_gaps)
+
+
+# ---- several servers (model.base_url: a list) -----------------------------------------------
+
+
+def _adapters(url: str, policy=None) -> set[str]:
+    """The LoRA adapters the server has loaded (GET /v1/models lists them beside the base model);
+    with `policy`: only that trainer's (the module's `policy` keeps its own on the first server)."""
+    with urllib.request.urlopen(f"{url}/models", timeout=10) as r:
+        names = {m["id"] for m in json.load(r)["data"]} - {SERVED}
+    return names if policy is None else {n for n in names if n.startswith(f"policy-{policy._run}-")}
+
+
+def _finished(url: str) -> float:
+    """Requests the server has finished, from its Prometheus counter."""
+    with urllib.request.urlopen(f"{url.removesuffix('/v1')}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total"))
+
+
+def _finished_since(urls: list[str], before: list[float], expect: list[int]) -> list[float]:
+    deadline = time.time() + 10  # the counter is bumped by the server's stats loop, just after the reply
+    while True:
+        got = [_finished(u) - b for u, b in zip(urls, before)]
+        if got == expect or time.time() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def second_server(server, tmp_path):
+    """A second server of the same checkpoint (`server` has checked that vLLM imports); the one
+    test that uses it stops it."""
+    from evolving_rl.policy.vllm_server import serve_command
+
+    with vllm_server(CHECKPOINT, SERVED, tmp_path / "server2.log", serve_command(server_cfg(None))[2:],
+                     env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}) as srv:
+        yield srv
+
+
+def test_rows_spread_over_two_servers_and_every_sync_reaches_both(server, second_server, tmp_path):
+    from evolving_rl.policy.vllm_server import VLLMServerPolicy
+
+    urls = [server["url"], second_server["url"]]
+    p = VLLMServerPolicy(server_cfg(urls, lora_sync_dir=str(tmp_path / "adapters"), max_retries=1,
+                                    retry_backoff_s=0.01, request_timeout_s=60))
+    try:
+        assert _adapters(urls[0], p) == _adapters(urls[1], p) == {p.lora_name}  # both synced and probed at start-up
+        torch.manual_seed(1)
+        with torch.no_grad():  # a non-zero adapter: both servers' answers depend on it
+            for n, w in p.model.named_parameters():
+                if "lora_B" in n:
+                    w.normal_(0.0, 0.05)
+        prompts = _prompts(p, 8)
+        allowed = [_allowed(p) if i % 2 else None for i in range(8)]
+        on = [s % 2 for s in row_seeds(11, 8)]  # each row's server: its seed's
+        assert sorted(on) == [0] * 4 + [1] * 4
+        before = [_finished(u) for u in urls]
+        gens = p.generate(prompts, temperature=1.0, top_p=0.9, max_new_tokens=24, stop=["</action>"],
+                          allowed=allowed, seed=11)
+        assert _finished_since(urls, before, [4, 4]) == [4, 4]  # each server answered its 4 rows, no more
+        gaps = [_gap(p, q, g, a) for q, g, a in zip(prompts, gens, allowed)]
+        assert max(g for g, k in zip(gaps, on) if k == 0) < TOL and max(g for g, k in zip(gaps, on) if k == 1) < TOL
+        # an optimizer step: the new adapter goes to both, the old one leaves both
+        old = p.lora_name
+        target = Segment(token_ids=prompts[1] + _allowed(p)[2], logprobs=[0.0] * (len(prompts[1]) + len(_allowed(p)[2])),
+                         loss_mask=[0] * len(prompts[1]) + [1] * len(_allowed(p)[2]), allowed=_allowed(p))
+        opt = torch.optim.Adam([w for w in p.parameters() if w.requires_grad], lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            (-p.score([target])[0][0][len(prompts[1]):].sum()).backward()
+            opt.step()
+        stale = [_gap(p, q, g, a) for q, g, a in zip(prompts, gens, allowed)]  # the old samples, new weights
+        assert min(max(g for g, k in zip(stale, on) if k == j) for j in (0, 1)) > 1e-2  # a stale server would show
+        again = p.generate(prompts, temperature=1.0, top_p=0.9, max_new_tokens=24, stop=["</action>"],
+                           allowed=allowed, seed=11)
+        assert p.lora_name != old and _adapters(urls[0], p) == _adapters(urls[1], p) == {p.lora_name}
+        gaps = [_gap(p, q, g, a) for q, g, a in zip(prompts, again, allowed)]
+        assert max(g for g, k in zip(gaps, on) if k == 0) < TOL and max(g for g, k in zip(gaps, on) if k == 1) < TOL
+        # the second server goes away (stopped by its pid): the next sync names it, and the first
+        # server is left serving the current adapter alone, not a half-synced new one
+        os.kill(second_server["pid"], signal.SIGTERM)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                _adapters(urls[1])
+            except OSError:
+                break
+            time.sleep(0.5)
+        current = p.lora_name
+        opt.zero_grad()
+        (-p.score([target])[0][0][len(prompts[1]):].sum()).backward()
+        opt.step()
+        with pytest.raises(OpenAIEndpointError) as e:
+            p.generate(prompts[:2], temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
+        msg = str(e.value)
+        assert f"model.base_url={urls[1]!r} (server 2 of 2): POST /load_lora_adapter failed" in msg, msg
+        assert "vllm serve" in msg and urls[0] not in msg
+        assert p.lora_name == current and _adapters(urls[0], p) == {current}
+        # mid-run, with nothing to sync (the reference view): the rows on the stopped server fail naming it
+        with pytest.raises(OpenAIEndpointError, match=r"\(server 2 of 2\): POST /completions failed after 2 attempt"):
+            p.reference().generate(prompts[:2], temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
+    finally:
+        p.close()
+
+
+def test_an_unreachable_server_in_the_list_is_refused_at_start_up_naming_it(server, tmp_path):
+    from evolving_rl.policy.vllm_server import VLLMServerPolicy
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    loaded = _adapters(server["url"])
+    with pytest.raises(OpenAIEndpointError) as e:
+        VLLMServerPolicy(server_cfg([server["url"], dead], lora_sync_dir=str(tmp_path), max_retries=1,
+                                    retry_backoff_s=0.01, request_timeout_s=5))
+    msg = str(e.value)
+    assert f"model.base_url={dead!r} (server 2 of 2): GET /models failed after 2 attempt(s)" in msg, msg
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 vllm serve" in msg and server["url"] not in msg
+    assert _adapters(server["url"]) == loaded  # refused before any adapter was written to the live one

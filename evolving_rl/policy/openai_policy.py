@@ -76,6 +76,9 @@ class OpenAIPolicy:
         # `section`: the config section `cfg` came from (model, extractor_model), named in errors
         if not cfg.base_url:
             raise ValueError(f"{section}.backend: openai needs {section}.base_url (e.g. http://127.0.0.1:8000/v1)")
+        if isinstance(cfg.base_url, list):  # inference only: spreading it is a load balancer's job
+            raise ValueError(f"{section}.base_url: a list of servers works with {section}.backend: vllm only; backend "
+                             "openai takes one API root: give one URL, or a load balancer's in front of the servers")
         self.cfg = cfg
         self.section = section
         self.base_url = cfg.base_url.rstrip("/")
