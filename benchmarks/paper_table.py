@@ -73,7 +73,9 @@ BUDGETS: dict[str, dict] = {
     # The skill-transfer benchmark (issue 16): unseen = object kinds absent from training, one-shot
     # experience from other games with the same object. Results go to docs/results/skill_transfer.*.
     "twc": {
-        "about": "twc skill transfer (configs/evolving_twc_tiny.yaml), tiny model from checkpoints/tiny-twc-sft: "
+        "about": "twc skill transfer (configs/evolving_twc_tiny.yaml), tiny model from checkpoints/tiny-twc-sft-stage3 "
+                 "(the warm start before its invented-object stage: the shipped start reads and writes cards so well "
+                 "that unseen one-shot sits near this benchmark's ceiling, with little headroom for RL; docs/RESULTS.md): "
                  "16 steps of B=4 N=4 K=2 (36 episodes per step) on the dev fold's games under invented object names, lr 3e-4, "
                  "40 eval games per split, greedy",
         "config": CONFIGS / "evolving_twc_tiny.yaml",
@@ -81,7 +83,8 @@ BUDGETS: dict[str, dict] = {
         "results": "skill_transfer",
         "methods": list(METHODS),
         "protocols": ["no_skill", "one_shot", "library"],
-        "overrides": ["train.steps=16", "grpo.lr=3e-4", "train.eval_every=0", "eval.max_tasks=40", "eval.repeats=1"],
+        "overrides": ["model.path=checkpoints/tiny-twc-sft-stage3", "train.steps=16", "grpo.lr=3e-4", "train.eval_every=0",
+                      "eval.max_tasks=40", "eval.repeats=1"],
     },
     "twc_smoke": {
         "about": "the twc benchmark at test size: 1 step of B=2 N=2 K=2, 4 eval games per split",

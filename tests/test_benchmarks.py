@@ -61,6 +61,17 @@ def test_methods_subset_keeps_the_two_the_gain_needs(capsys):
         paper_table.main(["--budget", "smoke", "--dry-run", "--methods", "GRPO,PPO"])
 
 
+def test_every_budgets_starting_checkpoint_is_in_the_repository():
+    """A budget that names its start (twc: the stage-3 warm start) must find it in a fresh clone:
+    a renamed or unshipped checkpoint would otherwise fail only after the first method's games."""
+    root = Path(__file__).resolve().parent.parent
+    named = {b: o.split("=", 1)[1] for b, spec in paper_table.BUDGETS.items() for o in spec["overrides"]
+             if o.startswith("model.path=")}
+    assert "twc" in named
+    for budget, path in named.items():
+        assert (root / path / "config.json").is_file() and (root / path / "model.safetensors").is_file(), budget
+
+
 @pytest.mark.slow
 def test_paper_table_smoke(games_dir, tiny_model, make_config, tmp_path):
     from evolving_rl.config import save_config
