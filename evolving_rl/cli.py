@@ -216,6 +216,9 @@ def train(
         trainer.fit()
     finally:
         trainer.close()
+    from evolving_rl import distributed
+
+    distributed.leave()  # several processes (torchrun): shut the process group down before exit
     console.print(f"run -> {cfg.run_dir}")
 
 

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from evolving_rl import distributed
 from evolving_rl.config import load_config
 from evolving_rl.train import Trainer
 
@@ -50,6 +51,7 @@ def main(out_dir: str, config: str) -> None:
                  "logprobs": [s.logprobs for s in e.segments]} for e in played]
     weights = {k: v.detach().clone() for k, v in trainer.policy.model.state_dict().items()}
     torch.save({"episodes": episodes, "weights": weights, "sharded_optimizer": sharded}, f"{out_dir}/rank{trainer.accelerator.process_index}.pt")
+    distributed.leave()
 
 
 if __name__ == "__main__":

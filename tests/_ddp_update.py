@@ -11,6 +11,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
+from evolving_rl import distributed
 from evolving_rl.algorithms.grpo import GRPOUpdater
 from evolving_rl.config import GRPOConfig, ModelConfig
 from evolving_rl.policy.hf import HFPolicy
@@ -52,6 +53,7 @@ def main(checkpoint: str, out_dir: str, skew: bool = False) -> None:
     metrics = updater.update(batch)
     torch.save({"weights": {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, "metrics": metrics},
                f"{out_dir}/rank{accelerator.process_index}.pt")
+    distributed.leave()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def main(out_dir: str, config: str, resume: bool) -> None:
     torch.save({"weights": {k: v.detach().clone() for k, v in weights.items()}, "sharded": sharded,
                 "optimizer": type(trainer.updater.optimizer).__name__, "step": trainer.step},
                f"{out_dir}/rank{trainer.accelerator.process_index}.pt")
+    distributed.leave()
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ def main(checkpoint: str, out_dir: str, resume: bool) -> None:
         updater2.update(batch)
         out["resumed"] = whole(policy2, updater2)
     torch.save(out, f"{out_dir}/rank{accelerator.process_index}.pt")
+    distributed.leave()
 
 
 if __name__ == "__main__":
